@@ -1,0 +1,191 @@
+//! Errors of the proxy path, typed by where they came from, and their mapping to HTTP answers.
+//!
+//! Every error a client can see is made here, in one place: the status code, the stable `kind`
+//! string, and the small JSON body `{"error": kind, "message": ..., "correlation_id": ...}`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+/// Which side of the proxy an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorOrigin {
+    /// The downstream client sent something the proxy must refuse.
+    Client,
+    /// The upstream (the scoring endpoint) failed, timed out or could not be reached.
+    Upstream,
+    /// The proxy itself failed.
+    Proxy,
+}
+
+/// An error on a request's path through the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client's request is malformed or not allowed (400, 405, 413, ...).
+    #[error("{message}")]
+    BadRequest {
+        status: StatusCode,
+        message: &'static str,
+    },
+    /// No connection could be made to the upstream.
+    #[error("could not connect to the upstream: {0}")]
+    UpstreamConnect(String),
+    /// Connecting to the upstream took longer than the connect timeout.
+    #[error("connecting to the upstream timed out after {0:?}")]
+    UpstreamConnectTimeout(Duration),
+    /// The upstream did not send response headers within the response-header timeout.
+    #[error("the upstream sent no response headers within {0:?}")]
+    UpstreamTimeout(Duration),
+    /// The upstream reset the connection, sent malformed HTTP, or failed mid-exchange.
+    #[error("the upstream failed: {0}")]
+    Upstream(String),
+    /// The proxy failed for a reason of its own.
+    #[error("internal proxy error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// A 400 Bad Request with a fixed explanation.
+    pub fn bad_request(message: &'static str) -> Self {
+        ProxyError::BadRequest {
+            status: StatusCode::BAD_REQUEST,
+            message,
+        }
+    }
+
+    /// Where the error came from.
+    pub fn origin(&self) -> ErrorOrigin {
+        match self {
+            ProxyError::BadRequest { .. } => ErrorOrigin::Client,
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamConnectTimeout(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Upstream(_) => ErrorOrigin::Upstream,
+            ProxyError::Internal(_) => ErrorOrigin::Proxy,
+        }
+    }
+
+    /// The status code the client receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest { status, .. } => *status,
+            ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, machine-readable name for the error (the JSON body's `error`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest { .. } => "bad_request",
+            ProxyError::UpstreamConnect(_) => "upstream_connect_failed",
+            ProxyError::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::Upstream(_) => "upstream_error",
+            ProxyError::Internal(_) => "proxy_error",
+        }
+    }
+
+    /// The trace record's `outcome` for an exchange that ended with this error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest { .. } | ProxyError::Internal(_) => "proxy_error",
+            ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => "upstream_error",
+            ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_) => {
+                "upstream_timeout"
+            }
+        }
+    }
+
+    /// The answer the client receives: the status and a small JSON body.
+    pub fn to_response(&self, correlation_id: &HeaderValue) -> Response<ResponseBody> {
+        let body = serde_json::json!({
+            "error": self.kind(),
+            "message": self.to_string(),
+            "correlation_id": correlation_id.to_str().unwrap_or_default(),
+        });
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(crate::headers::X_REQUEST_ID, correlation_id.clone());
+        response
+    }
+}
+
+/// Walks an error's source chain looking for an I/O timeout.
+pub(crate) fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = current {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// Renders an error with its whole source chain: `outer: inner: innermost`.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(source) = current {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        current = source.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_origin() {
+        assert_eq!(
+            ProxyError::UpstreamConnect("refused".into()).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            ProxyError::UpstreamTimeout(Duration::from_secs(1)).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            ProxyError::bad_request("no host").status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            ProxyError::bad_request("no host").origin(),
+            ErrorOrigin::Client
+        );
+    }
+
+    #[test]
+    fn error_body_is_json_with_the_correlation_id() {
+        let id = HeaderValue::from_static("abc-123");
+        let response = ProxyError::UpstreamConnect("connection refused".into()).to_response(&id);
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()[crate::headers::X_REQUEST_ID], "abc-123");
+        let ResponseBody::Full { data: Some(bytes) } = response.into_body() else {
+            panic!("expected a full body");
+        };
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json body");
+        assert_eq!(json["error"], "upstream_connect_failed");
+        assert_eq!(json["correlation_id"], "abc-123");
+    }
+}

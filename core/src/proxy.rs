@@ -1,0 +1,280 @@
+//! A request's life through the proxy, as named phases:
+//!
+//! 1. [`Proxy::check_request`] — refuse what must not be forwarded (RFC 9112 §3.2 `Host` rules,
+//!    `CONNECT`);
+//! 2. [`Proxy::upstream_request`] — translate the request for the upstream (hop-by-hop removal,
+//!    forwarding headers, correlation id, `host`/`:authority`, version);
+//! 3. [`Upstream::send`] — send it and wait for the response headers;
+//! 4. [`Proxy::downstream_response`] — translate the response back (hop-by-hop removal, `via`,
+//!    correlation id, protocol upgrade);
+//! 5. [`Proxy::finish`] — the one place an exchange is logged (and, with capture, recorded).
+//!
+//! Errors of any phase become a client answer in one place: [`ProxyError::to_response`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::ResponseBody;
+use crate::error::ProxyError;
+use crate::headers::{
+    accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
+    ForwardingPolicy, X_REQUEST_ID,
+};
+use crate::upstream::{Upstream, UpstreamProtocol};
+
+/// How requests are rewritten on their way through.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    /// The service name recorded with every exchange.
+    pub service: String,
+    pub forwarding: ForwardingPolicy,
+    /// Forward the client's `host` to an HTTP/1.1 upstream instead of the upstream's authority.
+    pub preserve_host: bool,
+}
+
+/// The proxy: one upstream, the rewrite settings.
+#[derive(Debug)]
+pub struct Proxy {
+    upstream: Upstream,
+    settings: ProxySettings,
+}
+
+/// What phase 1 learned about a request that phase 2 needs.
+#[derive(Debug)]
+struct CheckedRequest {
+    /// The host the client addressed (absolute-form authority, `:authority`, or `Host`).
+    client_host: Option<HeaderValue>,
+    /// A protocol upgrade the proxy will carry out end to end.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl Proxy {
+    pub fn new(upstream: Upstream, settings: ProxySettings) -> Self {
+        Self { upstream, settings }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    /// Handles one request from start to finish. Never fails: errors become answers.
+    pub async fn handle(
+        self: Arc<Self>,
+        downstream: Downstream,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let correlation_id = correlation_id(request.headers());
+        let method = request.method().clone();
+        let client_version = request.version();
+        let result = self
+            .forward(downstream, request, &correlation_id, client_version)
+            .await;
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(
+                    correlation_id = correlation_id.to_str().unwrap_or_default(),
+                    origin = ?error.origin(),
+                    kind = error.kind(),
+                    "{error}"
+                );
+                error.to_response(&correlation_id)
+            }
+        };
+        self.finish(&method, &response, &correlation_id, started);
+        response
+    }
+
+    async fn forward(
+        &self,
+        downstream: Downstream,
+        mut request: Request<Incoming>,
+        correlation_id: &HeaderValue,
+        client_version: Version,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let checked = self.check_request(&mut request)?;
+        let wants_upgrade = checked.upgrade.is_some();
+        let upstream_request =
+            self.upstream_request(request, downstream, correlation_id, checked.client_host)?;
+        let response = self.upstream.send(upstream_request).await?;
+        self.downstream_response(
+            response,
+            correlation_id,
+            client_version,
+            checked.upgrade,
+            wants_upgrade,
+        )
+    }
+
+    /// Phase 1: refuse requests that must not be forwarded.
+    fn check_request(&self, request: &mut Request<Incoming>) -> Result<CheckedRequest, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::BadRequest {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                message: "CONNECT is not supported by a reverse proxy",
+            });
+        }
+        let mut hosts = request.headers().get_all(header::HOST).iter();
+        let host = hosts.next().cloned();
+        if hosts.next().is_some() {
+            // RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+            // HTTP/1.1 request message that lacks a Host header field and to any request message
+            // that contains more than one Host header field line or a Host header field with an
+            // invalid field value."
+            return Err(ProxyError::bad_request("more than one Host header field"));
+        }
+        // RFC 9112 §3.2.2: "When an origin server receives a request with an absolute-form of
+        // request-target, the origin server MUST ignore the received Host header field (if any)
+        // and instead use the host information of the request-target."
+        let client_host = match request.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => host,
+        };
+        if client_host.is_none() && request.version() == Version::HTTP_11 {
+            return Err(ProxyError::bad_request(
+                "an HTTP/1.1 request must carry a Host header field",
+            ));
+        }
+        let upgrade = (self.upstream.protocol() == UpstreamProtocol::Http1
+            && is_upgrade_request(request.version(), request.headers()))
+        .then(|| hyper::upgrade::on(&mut *request));
+        Ok(CheckedRequest {
+            client_host,
+            upgrade,
+        })
+    }
+
+    /// Phase 2: the request as the upstream will receive it.
+    fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+        downstream: Downstream,
+        correlation_id: &HeaderValue,
+        client_host: Option<HeaderValue>,
+    ) -> Result<Request<Incoming>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let upgrading = is_upgrade_request(parts.version, &parts.headers)
+            && self.upstream.protocol() == UpstreamProtocol::Http1;
+        let client_accepts_trailers = accepts_trailers(&parts.headers);
+        let headers = &mut parts.headers;
+        remove_hop_by_hop(headers, upgrading);
+        // The proxy answers `Expect: 100-continue` itself: hyper sends the interim 100 when the
+        // body is first read, which happens when the upstream is ready to receive it — the body
+        // is never buffered first (RFC 9110 §10.1.1).
+        if headers
+            .get(header::EXPECT)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
+            headers.remove(header::EXPECT);
+        }
+        let policy = &self.settings.forwarding;
+        policy.apply(headers, downstream, client_host.as_ref());
+        policy.add_via(headers, parts.version);
+        headers.insert(X_REQUEST_ID, correlation_id.clone());
+        match self.upstream.protocol() {
+            UpstreamProtocol::Http1 => {
+                let host = match (&client_host, self.settings.preserve_host) {
+                    (Some(client_host), true) => client_host.clone(),
+                    _ => self.upstream.host_header().clone(),
+                };
+                headers.insert(header::HOST, host);
+                if client_accepts_trailers {
+                    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                    if !upgrading {
+                        headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
+                    }
+                }
+                parts.version = Version::HTTP_11;
+            }
+            UpstreamProtocol::Http2 => {
+                // RFC 9113 §8.3.1: the target's authority travels as `:authority`, taken from the
+                // URI; a `host` field that differed from it would be malformed.
+                headers.remove(header::HOST);
+                if client_accepts_trailers {
+                    // RFC 9113 §8.2.2: "The only exception to this is the TE header field, which
+                    // MAY be present in an HTTP/2 request; when it is, it MUST NOT contain any
+                    // value other than "trailers"."
+                    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+                parts.version = Version::HTTP_2;
+            }
+        }
+        parts.uri = self.upstream.target_uri(parts.uri.path_and_query())?;
+        Ok(Request::from_parts(parts, body))
+    }
+
+    /// Phase 4: the response as the client will receive it.
+    fn downstream_response(
+        &self,
+        mut response: Response<Incoming>,
+        correlation_id: &HeaderValue,
+        client_version: Version,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        wants_upgrade: bool,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            // RFC 9110 §15.2.2: a 101 is only valid as the answer to an Upgrade request.
+            let Some(client_upgrade) = client_upgrade.filter(|_| wants_upgrade) else {
+                return Err(ProxyError::Upstream(
+                    "the upstream switched protocols without being asked".into(),
+                ));
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        }
+        let upstream_version = response.version();
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers, switching);
+        self.settings
+            .forwarding
+            .add_via(&mut parts.headers, upstream_version);
+        parts.headers.insert(X_REQUEST_ID, correlation_id.clone());
+        parts.version = client_version;
+        Ok(Response::from_parts(parts, ResponseBody::from(body)))
+    }
+
+    /// Phase 5: the exchange's one finishing step.
+    fn finish(
+        &self,
+        method: &Method,
+        response: &Response<ResponseBody>,
+        correlation_id: &HeaderValue,
+        started: Instant,
+    ) {
+        tracing::debug!(
+            correlation_id = correlation_id.to_str().unwrap_or_default(),
+            %method,
+            status = response.status().as_u16(),
+            header_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "response headers sent"
+        );
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream's.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = tokio::join!(client, upstream);
+    match (client, upstream) {
+        (Ok(client), Ok(upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!("upgraded connection ended: {error}");
+            }
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::debug!("protocol upgrade failed: {error}");
+        }
+    }
+}

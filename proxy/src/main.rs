@@ -1,0 +1,145 @@
+//! `scoretap`: a transparent capture proxy for ML scoring endpoints.
+
+mod demo;
+mod settings;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use scoretap_core::BoundServer;
+use settings::{LogFormat, RunArgs, RunSettings};
+
+/// Put scoretap in front of a scoring endpoint: clients talk to its port, nothing changes in the
+/// scoring service.
+#[derive(Debug, Parser)]
+#[command(
+    name = "scoretap",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (what bare flags do too)
+    Run(Box<RunArgs>),
+    /// Start a built-in scoring endpoint with scoretap in front, send requests through it, and
+    /// show what happened
+    Demo(demo::DemoArgs),
+}
+
+/// Exit status for configuration errors, as clap uses for bad flags.
+const USAGE_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Demo(args)) => {
+            init_logging(LogFormat::Text, "warn");
+            run_async(demo::run(args))
+        }
+        Some(Command::Run(args)) => run(*args),
+        None => run(cli.run),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let check_only = args.check_config.unwrap_or(false);
+    let settings = match args.resolve() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    if check_only {
+        return match serde_json::to_string_pretty(&settings) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: cannot print the configuration: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logging(settings.log_format, &settings.log_level);
+    run_async(serve(settings))
+}
+
+fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("scoretap-worker")
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(future),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: RunSettings) -> ExitCode {
+    let server = match BoundServer::bind(settings.server_settings()).await {
+        Ok(server) => server,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        listen = %server.proxy_address(),
+        admin = %server.admin_address(),
+        upstream = %settings.upstream,
+        service = %settings.service,
+        tls = settings.tls_cert.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        "scoretap is serving"
+    );
+    server.run(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        }
+        Err(error) => {
+            tracing::warn!("cannot listen for SIGTERM ({error}); stopping on SIGINT only");
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("warning: logging not initialised: {error}");
+    }
+}

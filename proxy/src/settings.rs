@@ -1,0 +1,556 @@
+//! Command-line flags, their `SCORETAP_*` environment variables, and the optional TOML file,
+//! merged into the settings the core library runs with.
+//!
+//! Precedence: a flag (or its environment variable) over the file's key of the same name over the
+//! built-in default. Every bad value is reported naming the flag or key and what it expects.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use http::Uri;
+use ipnet::IpNet;
+use scoretap_core::headers::{ForwardedMode, ForwardingPolicy};
+use scoretap_core::proxy::ProxySettings;
+use scoretap_core::tls::ServerCertificateFiles;
+use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
+use scoretap_core::ServerSettings;
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem; the process exits with status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// `scoretap run`'s flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// Address the proxy listens on (HTTP/1.1 and HTTP/2 on one port) [default: 127.0.0.1:8080]
+    #[arg(long, env = "SCORETAP_LISTEN", value_name = "ADDR", value_parser = parse_address)]
+    pub listen: Option<SocketAddr>,
+    /// Base URL of the scoring endpoint, http:// or https://; a path in it prefixes every request
+    #[arg(long, env = "SCORETAP_UPSTREAM", value_name = "URL", value_parser = parse_upstream_url)]
+    pub upstream: Option<Uri>,
+    /// Address of the admin listener (/healthz, /readyz) [default: 127.0.0.1:9901]
+    #[arg(long, env = "SCORETAP_ADMIN_LISTEN", value_name = "ADDR", value_parser = parse_address)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Service name recorded with every exchange [default: the upstream's host]
+    #[arg(long, env = "SCORETAP_SERVICE", value_name = "NAME", value_parser = parse_service)]
+    pub service: Option<String>,
+    /// PEM certificate chain: serve TLS (ALPN h2, http/1.1) on --listen; needs --tls-key
+    #[arg(long, env = "SCORETAP_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert
+    #[arg(long, env = "SCORETAP_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra PEM CA bundle trusted for https:// upstreams, besides the system's roots
+    #[arg(long, env = "SCORETAP_UPSTREAM_CA", value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// HTTP version spoken to the upstream: http1 or http2 (gRPC) [default: http1]
+    #[arg(long, env = "SCORETAP_UPSTREAM_PROTOCOL", value_name = "PROTOCOL", value_parser = parse_protocol)]
+    pub upstream_protocol: Option<UpstreamProtocol>,
+    /// Timeout to connect to the upstream [default: 5s]
+    #[arg(long, env = "SCORETAP_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Timeout for the upstream's response headers; past it the client gets a 504 [default: 60s]
+    #[arg(long, env = "SCORETAP_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub upstream_timeout: Option<Duration>,
+    /// Idle pooled upstream connections close after this; keep it below the upstream's keep-alive [default: 30s]
+    #[arg(long, env = "SCORETAP_POOL_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub pool_idle_timeout: Option<Duration>,
+    /// Most idle upstream connections kept [default: 64]
+    #[arg(long, env = "SCORETAP_POOL_MAX_IDLE", value_name = "COUNT")]
+    pub pool_max_idle: Option<usize>,
+    /// Peers (CIDRs, comma-separated) whose incoming forwarding headers are trusted and extended
+    #[arg(long, env = "SCORETAP_TRUSTED_PROXIES", value_name = "CIDRS", value_parser = parse_networks)]
+    pub trusted_proxies: Option<Networks>,
+    /// Forwarding headers to add: x-forwarded, forwarded (RFC 7239) or none [default: x-forwarded]
+    #[arg(long, env = "SCORETAP_FORWARDED", value_name = "MODE", value_parser = parse_forwarded_mode)]
+    pub forwarded: Option<ForwardedMode>,
+    /// Add `via: <version> NAME` to requests and responses
+    #[arg(long, env = "SCORETAP_VIA", value_name = "NAME", value_parser = parse_service)]
+    pub via: Option<String>,
+    /// Send the client's Host to an HTTP/1.1 upstream instead of the upstream's own authority
+    #[arg(long, env = "SCORETAP_PRESERVE_HOST", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub preserve_host: Option<bool>,
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 30s]
+    #[arg(long, env = "SCORETAP_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "SCORETAP_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or scoretap_core=debug [default: info]
+    #[arg(long, env = "SCORETAP_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// TOML file with the same keys as these flags (kebab-case, e.g. upstream-timeout = "2s")
+    #[arg(long, env = "SCORETAP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it as JSON and exit
+    #[arg(long, env = "SCORETAP_CHECK_CONFIG", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub check_config: Option<bool>,
+}
+
+/// A list of networks, as given to `--trusted-proxies`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Networks(pub Vec<IpNet>);
+
+/// The log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The TOML file: the same keys as the flags, all optional. Values are parsed by the same
+/// functions as the flags so errors read alike.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<String>,
+    upstream: Option<String>,
+    admin_listen: Option<String>,
+    service: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    upstream_ca: Option<PathBuf>,
+    upstream_protocol: Option<String>,
+    connect_timeout: Option<String>,
+    upstream_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
+    forwarded: Option<String>,
+    via: Option<String>,
+    preserve_host: Option<bool>,
+    drain_timeout: Option<String>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+}
+
+/// The merged, validated configuration of `scoretap run`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSettings {
+    pub listen: SocketAddr,
+    #[serde(serialize_with = "serialize_display")]
+    pub upstream: Uri,
+    pub admin_listen: SocketAddr,
+    pub service: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_protocol: UpstreamProtocol,
+    #[serde(serialize_with = "serialize_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub upstream_timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+    pub trusted_proxies: Vec<String>,
+    pub forwarded: ForwardedMode,
+    pub via: Option<String>,
+    pub preserve_host: bool,
+    #[serde(serialize_with = "serialize_duration")]
+    pub drain_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    #[serde(skip)]
+    trusted_networks: Vec<IpNet>,
+}
+
+fn serialize_display<S: serde::Serializer>(value: &Uri, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn serialize_duration<S: serde::Serializer>(
+    value: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_duration(*value))
+}
+
+/// Reads a file key's value with a flag's parser, naming the key on failure.
+fn from_file<T>(
+    path: &Path,
+    key: &str,
+    value: Option<String>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, SettingsError> {
+    value
+        .map(|text| {
+            parse(&text).map_err(|message| SettingsError::File {
+                path: path.to_owned(),
+                message: format!("invalid value '{text}' for key '{key}': {message}"),
+            })
+        })
+        .transpose()
+}
+
+impl RunArgs {
+    /// Fills the flags not given with the config file's values.
+    fn merge_file(mut self) -> Result<Self, SettingsError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: FileSettings = toml::from_str(&text).map_err(|error| SettingsError::File {
+            path: path.clone(),
+            message: error.message().to_owned(),
+        })?;
+        let p = path.as_path();
+        self.listen = self
+            .listen
+            .or(from_file(p, "listen", file.listen, parse_address)?);
+        self.upstream =
+            self.upstream
+                .or(from_file(p, "upstream", file.upstream, parse_upstream_url)?);
+        self.admin_listen = self.admin_listen.or(from_file(
+            p,
+            "admin-listen",
+            file.admin_listen,
+            parse_address,
+        )?);
+        self.service = self
+            .service
+            .or(from_file(p, "service", file.service, parse_service)?);
+        self.tls_cert = self.tls_cert.or(file.tls_cert);
+        self.tls_key = self.tls_key.or(file.tls_key);
+        self.upstream_ca = self.upstream_ca.or(file.upstream_ca);
+        self.upstream_protocol = self.upstream_protocol.or(from_file(
+            p,
+            "upstream-protocol",
+            file.upstream_protocol,
+            parse_protocol,
+        )?);
+        self.connect_timeout = self.connect_timeout.or(from_file(
+            p,
+            "connect-timeout",
+            file.connect_timeout,
+            parse_duration,
+        )?);
+        self.upstream_timeout = self.upstream_timeout.or(from_file(
+            p,
+            "upstream-timeout",
+            file.upstream_timeout,
+            parse_duration,
+        )?);
+        self.pool_idle_timeout = self.pool_idle_timeout.or(from_file(
+            p,
+            "pool-idle-timeout",
+            file.pool_idle_timeout,
+            parse_duration,
+        )?);
+        self.pool_max_idle = self.pool_max_idle.or(file.pool_max_idle);
+        self.trusted_proxies = self.trusted_proxies.or(from_file(
+            p,
+            "trusted-proxies",
+            file.trusted_proxies.map(|list| list.join(",")),
+            parse_networks,
+        )?);
+        self.forwarded = self.forwarded.or(from_file(
+            p,
+            "forwarded",
+            file.forwarded,
+            parse_forwarded_mode,
+        )?);
+        self.via = self.via.or(from_file(p, "via", file.via, parse_service)?);
+        self.preserve_host = self.preserve_host.or(file.preserve_host);
+        self.drain_timeout = self.drain_timeout.or(from_file(
+            p,
+            "drain-timeout",
+            file.drain_timeout,
+            parse_duration,
+        )?);
+        self.log_format = self.log_format.or(from_file(
+            p,
+            "log-format",
+            file.log_format,
+            parse_log_format,
+        )?);
+        self.log_level = self.log_level.or(file.log_level);
+        Ok(self)
+    }
+
+    /// Merges flags, environment and file, applies defaults, and checks what belongs together.
+    pub fn resolve(self) -> Result<RunSettings, SettingsError> {
+        let args = self.merge_file()?;
+        let upstream = args.upstream.ok_or_else(|| {
+            SettingsError::Invalid(
+                "the argument '--upstream <URL>' is required (or SCORETAP_UPSTREAM, or `upstream` in --config): the scoring endpoint's base URL, e.g. http://127.0.0.1:5001"
+                    .into(),
+            )
+        })?;
+        match (&args.tls_cert, &args.tls_key) {
+            (Some(_), None) => {
+                return Err(SettingsError::Invalid(
+                    "'--tls-cert' needs '--tls-key <FILE>': the PEM private key of the certificate"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::Invalid(
+                    "'--tls-key' needs '--tls-cert <FILE>': the PEM certificate chain".into(),
+                ))
+            }
+            _ => {}
+        }
+        for (flag, path) in [
+            ("--tls-cert", &args.tls_cert),
+            ("--tls-key", &args.tls_key),
+            ("--upstream-ca", &args.upstream_ca),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err(SettingsError::Invalid(format!(
+                        "invalid value '{}' for '{flag} <FILE>': expected a readable PEM file",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        let service = args
+            .service
+            .or_else(|| upstream.host().map(str::to_owned))
+            .unwrap_or_else(|| "scoring".into());
+        let trusted_networks = args.trusted_proxies.unwrap_or_default().0;
+        Ok(RunSettings {
+            listen: args
+                .listen
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            upstream,
+            admin_listen: args
+                .admin_listen
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901))),
+            service,
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            upstream_ca: args.upstream_ca,
+            upstream_protocol: args.upstream_protocol.unwrap_or_default(),
+            connect_timeout: args.connect_timeout.unwrap_or(Duration::from_secs(5)),
+            upstream_timeout: args.upstream_timeout.unwrap_or(Duration::from_secs(60)),
+            pool_idle_timeout: args.pool_idle_timeout.unwrap_or(Duration::from_secs(30)),
+            pool_max_idle: args.pool_max_idle.unwrap_or(64),
+            trusted_proxies: trusted_networks.iter().map(ToString::to_string).collect(),
+            forwarded: args.forwarded.unwrap_or_default(),
+            via: args.via,
+            preserve_host: args.preserve_host.unwrap_or(false),
+            drain_timeout: args.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            log_format: args.log_format.unwrap_or_default(),
+            log_level: args.log_level.unwrap_or_else(|| "info".into()),
+            trusted_networks,
+        })
+    }
+}
+
+impl RunSettings {
+    /// The core library's settings.
+    pub fn server_settings(&self) -> ServerSettings {
+        ServerSettings {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(certificate), Some(private_key)) => Some(ServerCertificateFiles {
+                    certificate: certificate.clone(),
+                    private_key: private_key.clone(),
+                }),
+                _ => None,
+            },
+            drain_timeout: self.drain_timeout,
+            upstream: UpstreamSettings {
+                url: self.upstream.clone(),
+                protocol: self.upstream_protocol,
+                ca_file: self.upstream_ca.clone(),
+                connect_timeout: self.connect_timeout,
+                response_header_timeout: self.upstream_timeout,
+                pool_idle_timeout: self.pool_idle_timeout,
+                pool_max_idle_per_host: self.pool_max_idle,
+            },
+            proxy: ProxySettings {
+                service: self.service.clone(),
+                forwarding: ForwardingPolicy {
+                    mode: self.forwarded,
+                    trusted_proxies: self.trusted_networks.clone(),
+                    via: self.via.clone(),
+                },
+                preserve_host: self.preserve_host,
+            },
+        }
+    }
+}
+
+// Value parsers, shared by flags, environment variables and the config file. Each message says
+// what the value should look like; clap adds the flag's name.
+
+pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    const EXPECTED: &str = "expected HOST:PORT such as 127.0.0.1:8080, 0.0.0.0:8080 or [::]:8080";
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    if !text.contains(':') {
+        return Err(EXPECTED.into());
+    }
+    text.to_socket_addrs()
+        .map_err(|_| EXPECTED.to_owned())?
+        .next()
+        .ok_or_else(|| EXPECTED.into())
+}
+
+pub fn parse_upstream_url(text: &str) -> Result<Uri, String> {
+    const EXPECTED: &str =
+        "expected an http:// or https:// URL with a host, such as http://127.0.0.1:5001";
+    let uri: Uri = text.parse().map_err(|_| EXPECTED.to_owned())?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(host)) if !host.is_empty() => {}
+        _ => return Err(EXPECTED.into()),
+    }
+    if uri.query().is_some() {
+        return Err("expected a base URL without a query string".into());
+    }
+    Ok(uri)
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|_| "expected a duration such as 250ms, 5s or 2m".to_owned())?;
+    if duration.is_zero() {
+        return Err("expected a duration above zero, such as 250ms, 5s or 2m".into());
+    }
+    Ok(duration)
+}
+
+fn parse_service(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 128
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err("expected 1 to 128 letters, digits, '-', '_' or '.'".into())
+    }
+}
+
+fn parse_protocol(text: &str) -> Result<UpstreamProtocol, String> {
+    match text {
+        "http1" | "http/1.1" => Ok(UpstreamProtocol::Http1),
+        "http2" | "h2" => Ok(UpstreamProtocol::Http2),
+        _ => Err("expected http1 or http2".into()),
+    }
+}
+
+fn parse_forwarded_mode(text: &str) -> Result<ForwardedMode, String> {
+    match text {
+        "x-forwarded" => Ok(ForwardedMode::XForwarded),
+        "forwarded" => Ok(ForwardedMode::Forwarded),
+        "none" => Ok(ForwardedMode::None),
+        _ => Err("expected x-forwarded, forwarded or none".into()),
+    }
+}
+
+fn parse_networks(text: &str) -> Result<Networks, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<IpNet>()
+                .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!("expected comma-separated CIDRs or addresses such as 10.0.0.0/8,127.0.0.1; '{part}' is neither")
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Networks)
+}
+
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected text or json".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_accept_good_and_explain_bad_values() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").expect_err("invalid").contains("duration"));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_upstream_url("ftp://x").is_err());
+        assert!(parse_upstream_url("http://127.0.0.1:5001/api").is_ok());
+        assert!(parse_address("8080").is_err());
+        assert_eq!(
+            parse_address("127.0.0.1:0"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 0)))
+        );
+        assert_eq!(
+            parse_networks("10.0.0.0/8, 127.0.0.1").map(|n| n.0.len()),
+            Ok(2)
+        );
+        assert!(parse_networks("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn file_values_fill_missing_flags_and_name_bad_keys() {
+        let directory =
+            std::env::temp_dir().join(format!("scoretap-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).expect("dir");
+        let path = directory.join("good.toml");
+        std::fs::write(
+            &path,
+            "upstream = \"http://127.0.0.1:5001\"\nupstream-timeout = \"2s\"\nlisten = \"127.0.0.1:7000\"\n",
+        )
+        .expect("write");
+        let args = RunArgs {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7001))),
+            config: Some(path),
+            ..RunArgs::default()
+        };
+        let settings = args.resolve().expect("valid");
+        assert_eq!(settings.upstream_timeout, Duration::from_secs(2));
+        assert_eq!(settings.listen.port(), 7001, "the flag wins over the file");
+        assert_eq!(settings.service, "127.0.0.1");
+
+        let bad = directory.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "upstream = \"http://h\"\nconnect-timeout = \"later\"\n",
+        )
+        .expect("write");
+        let error = RunArgs {
+            config: Some(bad),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .expect_err("invalid");
+        assert!(error.to_string().contains("connect-timeout"), "{error}");
+        std::fs::remove_dir_all(&directory).ok();
+    }
+}
