@@ -33,7 +33,8 @@ pub struct ProxySettings {
     /// The service name recorded with every exchange.
     pub service: String,
     pub forwarding: ForwardingPolicy,
-    /// Forward the client's `host` to an HTTP/1.1 upstream instead of the upstream's authority.
+    /// Forward the client's host (`host`, or `:authority` to an HTTP/2 upstream) instead of the
+    /// upstream's authority.
     pub preserve_host: bool,
 }
 
@@ -103,17 +104,15 @@ impl Proxy {
         client_version: Version,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let checked = self.check_request(&mut request)?;
-        let wants_upgrade = checked.upgrade.is_some();
-        let upstream_request =
-            self.upstream_request(request, downstream, correlation_id, checked.client_host)?;
-        let response = self.upstream.send(upstream_request).await?;
-        self.downstream_response(
-            response,
+        let upstream_request = self.upstream_request(
+            request,
+            downstream,
             correlation_id,
-            client_version,
-            checked.upgrade,
-            wants_upgrade,
-        )
+            checked.client_host,
+            checked.upgrade.is_some(),
+        )?;
+        let response = self.upstream.send(upstream_request).await?;
+        self.downstream_response(response, correlation_id, client_version, checked.upgrade)
     }
 
     /// Phase 1: refuse requests that must not be forwarded.
@@ -161,10 +160,9 @@ impl Proxy {
         downstream: Downstream,
         correlation_id: &HeaderValue,
         client_host: Option<HeaderValue>,
+        upgrading: bool,
     ) -> Result<Request<Incoming>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        let upgrading = is_upgrade_request(parts.version, &parts.headers)
-            && self.upstream.protocol() == UpstreamProtocol::Http1;
         let client_accepts_trailers = accepts_trailers(&parts.headers);
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers, upgrading);
@@ -181,12 +179,11 @@ impl Proxy {
         policy.apply(headers, downstream, client_host.as_ref());
         policy.add_via(headers, parts.version);
         headers.insert(X_REQUEST_ID, correlation_id.clone());
+        let preserved_host = client_host.filter(|_| self.settings.preserve_host);
+        let mut authority = None;
         match self.upstream.protocol() {
             UpstreamProtocol::Http1 => {
-                let host = match (&client_host, self.settings.preserve_host) {
-                    (Some(client_host), true) => client_host.clone(),
-                    _ => self.upstream.host_header().clone(),
-                };
+                let host = preserved_host.unwrap_or_else(|| self.upstream.host_header().clone());
                 headers.insert(header::HOST, host);
                 if client_accepts_trailers {
                     headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -200,6 +197,7 @@ impl Proxy {
                 // RFC 9113 §8.3.1: the target's authority travels as `:authority`, taken from the
                 // URI; a `host` field that differed from it would be malformed.
                 headers.remove(header::HOST);
+                authority = preserved_host;
                 if client_accepts_trailers {
                     // RFC 9113 §8.2.2: "The only exception to this is the TE header field, which
                     // MAY be present in an HTTP/2 request; when it is, it MUST NOT contain any
@@ -209,7 +207,9 @@ impl Proxy {
                 parts.version = Version::HTTP_2;
             }
         }
-        parts.uri = self.upstream.target_uri(parts.uri.path_and_query())?;
+        parts.uri = self
+            .upstream
+            .target_uri(parts.uri.path_and_query(), authority.as_ref())?;
         Ok(Request::from_parts(parts, body))
     }
 
@@ -220,12 +220,11 @@ impl Proxy {
         correlation_id: &HeaderValue,
         client_version: Version,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        wants_upgrade: bool,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
             // RFC 9110 §15.2.2: a 101 is only valid as the answer to an Upgrade request.
-            let Some(client_upgrade) = client_upgrade.filter(|_| wants_upgrade) else {
+            let Some(client_upgrade) = client_upgrade else {
                 return Err(ProxyError::Upstream(
                     "the upstream switched protocols without being asked".into(),
                 ));

@@ -2,6 +2,7 @@
 //! through a pool of kept-alive connections.
 
 use std::path::PathBuf;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -55,10 +56,35 @@ pub enum UpstreamError {
     Tls(#[from] TlsError),
 }
 
+/// A connector that always dials the configured upstream, whatever authority a request's URI
+/// names. The URI's authority only becomes `:authority`/`host` and the pool key, so a client's
+/// `Host` can be forwarded (`--preserve-host`) without ever choosing where the proxy connects.
+#[derive(Debug, Clone)]
+struct FixedTarget<C> {
+    inner: C,
+    target: Uri,
+}
+
+impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedTarget<C> {
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = C::Future;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, _requested: Uri) -> Self::Future {
+        self.inner.call(self.target.clone())
+    }
+}
+
+type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
+
 /// The upstream endpoint and its connection pool.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>,
+    client: Client<Connector, UpstreamRequestBody>,
     scheme: Scheme,
     authority: Authority,
     /// The base URL's path without its trailing `/` (empty for none).
@@ -90,9 +116,19 @@ impl Upstream {
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
-        let connector = match settings.protocol {
-            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-            UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+        let connector = FixedTarget {
+            inner: match settings.protocol {
+                UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+                UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+            },
+            target: Uri::from_parts({
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(scheme.clone());
+                parts.authority = Some(authority.clone());
+                parts.path_and_query = Some(PathAndQuery::from_static("/"));
+                parts
+            })
+            .map_err(|_| invalid())?,
         };
 
         let mut client = Client::builder(TokioExecutor::new());
@@ -128,8 +164,19 @@ impl Upstream {
         &self.host_header
     }
 
-    /// The absolute URI of a request's target at the upstream.
-    pub fn target_uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+    /// The absolute URI of a request's target at the upstream. `authority` replaces the
+    /// upstream's own in the URI (it becomes HTTP/2's `:authority`); the connection still goes to
+    /// the upstream.
+    pub fn target_uri(
+        &self,
+        path_and_query: Option<&PathAndQuery>,
+        authority: Option<&HeaderValue>,
+    ) -> Result<Uri, ProxyError> {
+        let authority = match authority {
+            Some(value) => Authority::try_from(value.as_bytes())
+                .map_err(|_| ProxyError::bad_request("the Host header is not a valid authority"))?,
+            None => self.authority.clone(),
+        };
         let path_and_query = match (self.path_prefix.is_empty(), path_and_query) {
             (true, Some(path_and_query)) => path_and_query.clone(),
             (true, None) => PathAndQuery::from_static("/"),
@@ -142,7 +189,7 @@ impl Upstream {
         };
         Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
+            .authority(authority)
             .path_and_query(path_and_query)
             .build()
             .map_err(|error| ProxyError::Internal(error.to_string()))
@@ -218,11 +265,14 @@ mod tests {
     async fn target_uri_joins_the_base_path() {
         let upstream = Upstream::new(&settings("http://127.0.0.1:5001/api/")).expect("upstream");
         let path = PathAndQuery::from_static("/score?x=1");
-        let uri = upstream.target_uri(Some(&path)).expect("uri");
+        let uri = upstream.target_uri(Some(&path), None).expect("uri");
         assert_eq!(uri.to_string(), "http://127.0.0.1:5001/api/score?x=1");
         let plain = Upstream::new(&settings("http://127.0.0.1:5001")).expect("upstream");
         assert_eq!(
-            plain.target_uri(Some(&path)).expect("uri").to_string(),
+            plain
+                .target_uri(Some(&path), None)
+                .expect("uri")
+                .to_string(),
             "http://127.0.0.1:5001/score?x=1"
         );
         assert_eq!(plain.host_header(), "127.0.0.1:5001");

@@ -65,7 +65,7 @@ pub struct RunArgs {
     /// Timeout for the upstream's response headers; past it the client gets a 504 [default: 60s]
     #[arg(long, env = "SCORETAP_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_timeout: Option<Duration>,
-    /// Idle pooled upstream connections close after this; keep it below the upstream's keep-alive [default: 30s]
+    /// Idle pooled upstream connections close after this; below the keep-alive of common scoring servers (gunicorn: 2s) [default: 1500ms]
     #[arg(long, env = "SCORETAP_POOL_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub pool_idle_timeout: Option<Duration>,
     /// Most idle upstream connections kept [default: 64]
@@ -80,7 +80,7 @@ pub struct RunArgs {
     /// Add `via: <version> NAME` to requests and responses
     #[arg(long, env = "SCORETAP_VIA", value_name = "NAME", value_parser = parse_service)]
     pub via: Option<String>,
-    /// Send the client's Host to an HTTP/1.1 upstream instead of the upstream's own authority
+    /// Send the client's Host (or HTTP/2 :authority) to the upstream instead of the upstream's own authority
     #[arg(long, env = "SCORETAP_PRESERVE_HOST", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
     pub preserve_host: Option<bool>,
     /// After SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 30s]
@@ -343,7 +343,9 @@ impl RunArgs {
             upstream_protocol: args.upstream_protocol.unwrap_or_default(),
             connect_timeout: args.connect_timeout.unwrap_or(Duration::from_secs(5)),
             upstream_timeout: args.upstream_timeout.unwrap_or(Duration::from_secs(60)),
-            pool_idle_timeout: args.pool_idle_timeout.unwrap_or(Duration::from_secs(30)),
+            pool_idle_timeout: args
+                .pool_idle_timeout
+                .unwrap_or(Duration::from_millis(1500)),
             pool_max_idle: args.pool_max_idle.unwrap_or(64),
             trusted_proxies: trusted_networks.iter().map(ToString::to_string).collect(),
             forwarded: args.forwarded.unwrap_or_default(),
@@ -501,7 +503,9 @@ mod tests {
     #[test]
     fn parsers_accept_good_and_explain_bad_values() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("soon").expect_err("invalid").contains("duration"));
+        assert!(parse_duration("soon")
+            .expect_err("invalid")
+            .contains("duration"));
         assert!(parse_duration("0s").is_err());
         assert!(parse_upstream_url("ftp://x").is_err());
         assert!(parse_upstream_url("http://127.0.0.1:5001/api").is_ok());

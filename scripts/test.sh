@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The project's test command (CI runs it through .ci/run):
+#   1. scripts/install-test-deps.sh   (real servers and clients the end-to-end tests use)
+#   2. cargo fmt --check, cargo clippy -D warnings
+#   3. cargo build --workspace --bins  (the e2e tests run the built scoretap binary)
+#   4. cargo test --workspace
+# Builds go to CARGO_TARGET_DIR, by default ~/.cache/scoretap/target, outside the clone, so
+# repeated CI runs in fresh clones reuse the build.
+#
+# Every argument is passed on to `cargo test --workspace`, e.g.
+#   scripts/test.sh e2e_azureml                 # only tests whose name contains e2e_azureml
+#   scripts/test.sh -- --nocapture              # show test output
+# SKIP_DEPS=1 skips step 1, SKIP_LINT=1 skips step 2 (handy locally; CI sets neither).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/scoretap/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+step() { printf '\n==> %s\n' "$*"; }
+
+if [[ ${SKIP_DEPS:-0} != 1 ]]; then
+  step "install test dependencies"
+  scripts/install-test-deps.sh
+fi
+
+if [[ ${SKIP_LINT:-0} != 1 ]]; then
+  step "cargo fmt --all -- --check"
+  cargo fmt --all -- --check --color never
+  step "cargo clippy --workspace --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step "cargo build --workspace --bins (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+cargo build --workspace --bins
+
+step "cargo test --workspace --no-fail-fast $*"
+cargo test --workspace --no-fail-fast "$@"

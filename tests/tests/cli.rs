@@ -1,0 +1,402 @@
+//! The command line contract: --version, flag validation (exit 2 naming the flag), env vars,
+//! TOML config, --check-config, `run`, readiness, SIGTERM/SIGINT graceful drain, path prefix.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use scoretap_tests::client::empty;
+use scoretap_tests::harness::proxy_for;
+use scoretap_tests::process::run_cli;
+use scoretap_tests::util::{free_port, TempDir};
+use scoretap_tests::*;
+
+const CLI_LIMIT: Duration = Duration::from_secs(15);
+
+fn json_has_string(v: &serde_json::Value, s: &str) -> bool {
+    match v {
+        serde_json::Value::String(x) => x.contains(s),
+        serde_json::Value::Array(a) => a.iter().any(|x| json_has_string(x, s)),
+        serde_json::Value::Object(o) => o.values().any(|x| json_has_string(x, s)),
+        _ => false,
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+#[test]
+fn version_prints_name_and_semver() {
+    let o = run_cli(&["--version"], &[], CLI_LIMIT);
+    assert_eq!(o.code(), Some(0), "stderr: {}", o.stderr);
+    let out = o.stdout.trim();
+    let v = out
+        .strip_prefix("scoretap ")
+        .unwrap_or_else(|| panic!("unexpected --version output {out:?}"));
+    let parts: Vec<&str> = v.split(['.', '-', '+']).collect();
+    assert!(
+        parts.len() >= 3 && parts[..3].iter().all(|p| p.parse::<u64>().is_ok()),
+        "version {v:?} is not semver"
+    );
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn bad_flag_values_exit_2_and_name_the_flag() {
+    let up = ["--upstream", "http://127.0.0.1:9"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--upstream-timeout", "banana"], "--upstream-timeout"),
+        (vec!["--connect-timeout", "soon"], "--connect-timeout"),
+        (
+            vec!["--pool-idle-timeout", "3 parsecs"],
+            "--pool-idle-timeout",
+        ),
+        (vec!["--drain-timeout", "x"], "--drain-timeout"),
+        (vec!["--listen", "not-an-address"], "--listen"),
+        (vec!["--admin-listen", "300.1.1.1:80"], "--admin-listen"),
+        (vec!["--upstream-protocol", "http3"], "--upstream-protocol"),
+        (vec!["--forwarded", "sometimes"], "--forwarded"),
+        (
+            vec!["--trusted-proxies", "10.0.0.0/99"],
+            "--trusted-proxies",
+        ),
+    ];
+    for (bad, flag) in cases {
+        let mut args = vec!["--check-config"];
+        args.extend(up);
+        args.extend(&bad);
+        let o = run_cli(&args, &[], CLI_LIMIT);
+        assert_eq!(o.code(), Some(2), "{bad:?}: exit code; stderr {}", o.stderr);
+        assert!(
+            o.stderr.contains(flag),
+            "{bad:?}: stderr should name {flag}: {}",
+            o.stderr
+        );
+    }
+    // Bad upstream URLs.
+    for url in ["ftp://127.0.0.1:9", "not a url"] {
+        let o = run_cli(&["--check-config", "--upstream", url], &[], CLI_LIMIT);
+        assert_eq!(o.code(), Some(2), "--upstream {url:?}: stderr {}", o.stderr);
+        assert!(o.stderr.contains("--upstream"), "{}", o.stderr);
+    }
+    // Missing --upstream, unknown flag.
+    let o = run_cli(
+        &["--check-config", "--listen", "127.0.0.1:0"],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(2), "missing --upstream: {}", o.stderr);
+    assert!(o.stderr.contains("--upstream"), "{}", o.stderr);
+    let o = run_cli(
+        &[
+            "--check-config",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--no-such-flag",
+        ],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(2), "unknown flag: {}", o.stderr);
+    // TLS half-configured.
+    let o = run_cli(
+        &[
+            "--check-config",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+        ],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(
+        o.code(),
+        Some(2),
+        "--tls-cert without --tls-key / missing file: {}",
+        o.stderr
+    );
+}
+
+#[test]
+fn bad_env_value_exit_2_and_names_the_flag() {
+    let o = run_cli(
+        &["--check-config"],
+        &[
+            ("SCORETAP_UPSTREAM", "http://127.0.0.1:9"),
+            ("SCORETAP_UPSTREAM_TIMEOUT", "banana"),
+        ],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(2), "stderr {}", o.stderr);
+    assert!(
+        o.stderr.contains("upstream-timeout") || o.stderr.contains("UPSTREAM_TIMEOUT"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn check_config_prints_effective_config_json() {
+    let o = run_cli(
+        &[
+            "--check-config",
+            "--upstream",
+            "http://127.0.0.1:9/base",
+            "--service",
+            "svc-flag",
+            "--upstream-timeout",
+            "2s",
+        ],
+        &[("SCORETAP_VIA", "via-from-env")],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(0), "stderr {}", o.stderr);
+    let j: serde_json::Value = serde_json::from_str(o.stdout.trim())
+        .unwrap_or_else(|e| panic!("--check-config stdout is not JSON ({e}): {}", o.stdout));
+    assert!(j.is_object());
+    for s in ["http://127.0.0.1:9/base", "svc-flag", "via-from-env"] {
+        assert!(json_has_string(&j, s), "effective config lacks {s:?}: {j}");
+    }
+}
+
+#[test]
+fn check_config_reads_toml() {
+    let dir = TempDir::new("cfg");
+    let path = dir.join("scoretap.toml");
+    std::fs::write(
+        &path,
+        "upstream = \"http://127.0.0.1:9\"\nservice = \"svc-toml\"\nupstream-timeout = \"2s\"\nforwarded = \"forwarded\"\n",
+    )
+    .unwrap();
+    let p = path.display().to_string();
+    let o = run_cli(&["--check-config", "--config", &p], &[], CLI_LIMIT);
+    assert_eq!(o.code(), Some(0), "stderr {}", o.stderr);
+    let j: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("json");
+    assert!(json_has_string(&j, "svc-toml"), "{j}");
+    // A bad value in the file is a usage error naming the key.
+    std::fs::write(
+        &path,
+        "upstream = \"http://127.0.0.1:9\"\nupstream-timeout = \"banana\"\n",
+    )
+    .unwrap();
+    let o = run_cli(&["--check-config", "--config", &p], &[], CLI_LIMIT);
+    assert_eq!(o.code(), Some(2), "stdout {} stderr {}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("upstream-timeout"), "{}", o.stderr);
+}
+
+#[tokio::test]
+async fn env_vars_configure_a_running_proxy() {
+    let up = TestUpstream::start().await;
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let proxy = Scoretap::builder()
+        .no_listen_flag()
+        .no_admin_flag()
+        .env("SCORETAP_LISTEN", listen.to_string())
+        .env("SCORETAP_ADMIN_LISTEN", admin.to_string())
+        .env("SCORETAP_UPSTREAM", up.url())
+        .env("SCORETAP_UPSTREAM_TIMEOUT", "500ms")
+        .start_with_addrs(listen, admin)
+        .await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    assert_eq!(c.get("/ok?env=1").await.status, 200);
+    up.wait_path("env=1").await;
+    let t = Instant::now();
+    let r = c.get("/stall?env=2").await;
+    assert_eq!(r.status, 504, "SCORETAP_UPSTREAM_TIMEOUT=500ms not applied");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn config_file_configures_a_running_proxy() {
+    let up = TestUpstream::start().await;
+    let (listen, admin) = (local(free_port()), local(free_port()));
+    let dir = TempDir::new("cfg");
+    let path = dir.join("scoretap.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"{listen}\"\nadmin-listen = \"{admin}\"\nupstream = \"{}\"\nupstream-timeout = \"500ms\"\nvia = \"cfg-via\"\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let proxy = Scoretap::builder()
+        .no_listen_flag()
+        .no_admin_flag()
+        .arg("--config")
+        .arg(path.display().to_string())
+        .start_with_addrs(listen, admin)
+        .await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    let r = c.get("/ok?cfg=1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        up.wait_path("cfg=1").await.header("via").as_deref(),
+        Some("1.1 cfg-via")
+    );
+    let t = Instant::now();
+    assert_eq!(c.get("/stall?cfg=2").await.status, 504);
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn explicit_run_subcommand_works() {
+    let up = TestUpstream::start().await;
+    let proxy = Scoretap::builder()
+        .arg("run")
+        .upstream(&up.url())
+        .start()
+        .await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    assert_eq!(c.get("/ok").await.status, 200);
+}
+
+#[tokio::test]
+async fn upstream_url_path_prefix_is_prepended() {
+    let up = TestUpstream::start().await;
+    let proxy = Scoretap::start(&format!("{}/prefix", up.url()), &[]).await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    assert_eq!(c.get("/score?x=1").await.status, 200);
+    let rec = up.wait_path("x=1").await;
+    assert_eq!(rec.path_and_query(), "/prefix/score?x=1");
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_follow_upstream_reachability() {
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(&up, &[]).await;
+    assert_eq!(proxy.admin_get("/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(
+        proxy.readyz().await,
+        Some(200),
+        "upstream reachable → ready"
+    );
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let proxy2 = Scoretap::start(&dead, &[]).await;
+    assert_eq!(
+        proxy2.admin_get("/healthz").await.map(|r| r.0),
+        Some(200),
+        "alive even if upstream is down"
+    );
+    assert_eq!(
+        proxy2.readyz().await,
+        Some(503),
+        "unreachable upstream → not ready"
+    );
+
+    // Upstream goes away → readiness follows.
+    let addr = up.addr;
+    drop(up);
+    let mut st = None;
+    for _ in 0..50 {
+        st = proxy.readyz().await;
+        if st == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        st,
+        Some(503),
+        "readyz still {st:?} after upstream {addr} went away"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_0() {
+    let up = TestUpstream::start().await;
+    let mut proxy = proxy_for(&up, &["--drain-timeout", "10s"]).await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    let in_flight = tokio::spawn(async move {
+        let req = c
+            .req("GET", "/delay?ms=1500&t=drain")
+            .body(empty())
+            .unwrap();
+        c.fetch(req, Duration::from_secs(20)).await
+    });
+    up.wait_path("t=drain").await;
+    let t = Instant::now();
+    proxy.sigterm();
+
+    // While draining: not ready.
+    let mut saw_503 = false;
+    while t.elapsed() < Duration::from_millis(1200) {
+        if proxy.readyz().await == Some(503) {
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(saw_503, "/readyz did not turn 503 while draining");
+
+    // New requests are not served normally.
+    let new_conn = tokio::time::timeout(Duration::from_secs(1), async {
+        match tokio::net::TcpStream::connect(proxy.addr).await {
+            Err(_) => None,
+            Ok(s) => {
+                let mut raw = RawConn::from_io(Box::new(s));
+                if raw
+                    .try_send(b"GET /ok?t=late HTTP/1.1\r\nHost: h\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return None;
+                }
+                raw.try_read_response(false).await.map(|r| r.status())
+            }
+        }
+    })
+    .await;
+    if let Ok(Some(status)) = new_conn {
+        assert_ne!(status, 200, "a new request was proxied after SIGTERM");
+    }
+
+    let r = within(Duration::from_secs(10), "in-flight request", in_flight)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 200,
+        "in-flight request must complete during drain"
+    );
+    assert_eq!(r.text(), "delayed 1500");
+    let st = proxy.wait_exit(Duration::from_secs(8)).await;
+    assert_eq!(st.code(), Some(0), "exit status after graceful drain: {st}");
+    assert!(up.find(|r| r.path_and_query().contains("t=late")).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_deadline_bounds_shutdown() {
+    let up = TestUpstream::start().await;
+    let mut proxy = proxy_for(&up, &["--drain-timeout", "1s"]).await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    let stuck = tokio::spawn(async move {
+        let req = c.req("GET", "/stall?t=deadline").body(empty()).unwrap();
+        let _ = c.send(req).await;
+    });
+    up.wait_path("t=deadline").await;
+    let t = Instant::now();
+    proxy.sigterm();
+    let st = proxy.wait_exit(Duration::from_secs(6)).await;
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "shutdown took {took:?} with --drain-timeout 1s"
+    );
+    assert_eq!(st.code(), Some(0), "{st}");
+    stuck.abort();
+}
+
+#[tokio::test]
+async fn sigint_when_idle_exits_0_quickly() {
+    let up = TestUpstream::start().await;
+    let mut proxy = proxy_for(&up, &[]).await;
+    let mut c = Client::connect(proxy.addr, Proto::H1).await;
+    assert_eq!(c.get("/ok").await.status, 200);
+    drop(c);
+    proxy.sigint();
+    let st = proxy.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(st.code(), Some(0), "{st}");
+}
