@@ -1,11 +1,13 @@
-//! The admin listener: liveness and readiness for orchestrators. Later issues add `/metrics`,
-//! `/capture` and `/traces` here.
+//! The admin listener: liveness and readiness for orchestrators, the capture switch, and the
+//! record query. Mutating endpoints need the bearer token (`--admin-token`).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -13,17 +15,37 @@ use tokio::net::TcpListener;
 
 use crate::body::ResponseBody;
 use crate::proxy::Proxy;
+use crate::query::{query_directory, StatusFilter, TraceQuery};
+use crate::ring::DropReason;
+use crate::sink::StoreLocation;
+
+/// The largest body accepted by `PUT /capture`.
+const MAXIMUM_ADMIN_BODY: usize = 64 * 1024;
+/// `GET /traces` returns at most this many records.
+const MAXIMUM_TRACE_LIMIT: usize = 1_000;
 
 /// What the admin endpoints look at.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     proxy: Arc<Proxy>,
     draining: Arc<AtomicBool>,
+    token: Option<Arc<str>>,
+    store: Option<StoreLocation>,
 }
 
 impl AdminState {
-    pub fn new(proxy: Arc<Proxy>, draining: Arc<AtomicBool>) -> Self {
-        Self { proxy, draining }
+    pub fn new(
+        proxy: Arc<Proxy>,
+        draining: Arc<AtomicBool>,
+        token: Option<String>,
+        store: Option<StoreLocation>,
+    ) -> Self {
+        Self {
+            proxy,
+            draining,
+            token: token.map(Arc::from),
+            store,
+        }
     }
 
     async fn route(&self, request: Request<Incoming>) -> Response<ResponseBody> {
@@ -31,29 +53,270 @@ impl AdminState {
             (&Method::GET | &Method::HEAD, "/healthz") => {
                 json(StatusCode::OK, r#"{"status":"alive"}"#)
             }
-            (&Method::GET | &Method::HEAD, "/readyz") => {
-                if self.draining.load(Ordering::SeqCst) {
-                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
-                } else if self.proxy.upstream().is_reachable().await {
-                    json(StatusCode::OK, r#"{"status":"ready"}"#)
-                } else {
-                    json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        r#"{"status":"upstream_unreachable"}"#,
-                    )
-                }
-            }
-            (_, "/healthz" | "/readyz") => json(
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readiness().await,
+            (&Method::GET, "/capture") => self.capture_state(),
+            (&Method::PUT, "/capture") => self.change_capture(request).await,
+            (&Method::GET, "/traces") => self.traces(request.uri().query()).await,
+            (_, "/healthz" | "/readyz" | "/capture" | "/traces") => json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 r#"{"error":"method_not_allowed"}"#,
             ),
             _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
         }
     }
+
+    async fn readiness(&self) -> Response<ResponseBody> {
+        if self.draining.load(Ordering::SeqCst) {
+            json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
+        } else if self.proxy.upstream().is_reachable().await {
+            json(StatusCode::OK, r#"{"status":"ready"}"#)
+        } else {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"status":"upstream_unreachable"}"#,
+            )
+        }
+    }
+
+    fn capture_state(&self) -> Response<ResponseBody> {
+        let Some(capture) = self.proxy.capture() else {
+            return json_value(
+                StatusCode::OK,
+                &serde_json::json!({"enabled": false, "configured": false}),
+            );
+        };
+        let stats = capture.stats();
+        let dropped: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+            .iter()
+            .map(|reason| (reason.as_str().to_owned(), stats.dropped(*reason).into()))
+            .collect();
+        let control = capture.control();
+        json_value(
+            StatusCode::OK,
+            &serde_json::json!({
+                "enabled": control.enabled(),
+                "sample_rate": control.sample_rate(),
+                "configured": true,
+                "stats": {
+                    "records_written": stats.records_written.load(Ordering::Relaxed),
+                    "record_write_failures": stats.record_write_failures.load(Ordering::Relaxed),
+                    "dropped_events": stats.dropped_total(),
+                    "dropped": dropped,
+                    "ring_bytes": capture.ring().budget().used(),
+                    "ring_capacity_bytes": capture.ring().budget().capacity(),
+                }
+            }),
+        )
+    }
+
+    /// Checks `authorization: Bearer <token>` in constant time; the refusal to send otherwise.
+    fn refusal(&self, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+        let Some(token) = &self.token else {
+            return Some(json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"forbidden","message":"set --admin-token to allow changes"}"#,
+            ));
+        };
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if constant_time_equal(presented.as_bytes(), token.as_bytes()) {
+            None
+        } else {
+            let mut response = json(StatusCode::UNAUTHORIZED, r#"{"error":"unauthorized"}"#);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"scoretap-admin\""),
+            );
+            Some(response)
+        }
+    }
+
+    async fn change_capture(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        if let Some(refusal) = self.refusal(&request) {
+            return refusal;
+        }
+        let Some(capture) = self.proxy.capture() else {
+            return json(
+                StatusCode::CONFLICT,
+                r#"{"error":"capture_not_configured"}"#,
+            );
+        };
+        let body = match Limited::new(request.into_body(), MAXIMUM_ADMIN_BODY)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return bad_request("the body could not be read or is over 64 KiB"),
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Change {
+            enabled: Option<bool>,
+            sample_rate: Option<f64>,
+        }
+        let change: Change = match serde_json::from_slice(&body) {
+            Ok(change) => change,
+            Err(error) => {
+                return bad_request(&format!(
+                    "expected {{\"enabled\": bool, \"sample_rate\": 0.0..1.0}}: {error}"
+                ))
+            }
+        };
+        if let Some(rate) = change.sample_rate {
+            if !(0.0..=1.0).contains(&rate) {
+                return bad_request("sample_rate must be between 0.0 and 1.0");
+            }
+        }
+        let control = capture.control();
+        if let Some(enabled) = change.enabled {
+            control.set_enabled(enabled);
+        }
+        if let Some(rate) = change.sample_rate {
+            control.set_sample_rate(rate);
+        }
+        tracing::info!(
+            enabled = control.enabled(),
+            sample_rate = control.sample_rate(),
+            "capture changed by the admin endpoint"
+        );
+        self.capture_state()
+    }
+
+    async fn traces(&self, query: Option<&str>) -> Response<ResponseBody> {
+        let root = match &self.store {
+            Some(StoreLocation::Directory(root)) => root.clone(),
+            Some(StoreLocation::Stdout) => {
+                return json(
+                    StatusCode::CONFLICT,
+                    r#"{"error":"not_queryable","message":"records go to stdout; use a file store to query them"}"#,
+                )
+            }
+            None => {
+                return json(
+                    StatusCode::CONFLICT,
+                    r#"{"error":"capture_not_configured"}"#,
+                )
+            }
+        };
+        let mut trace_query = TraceQuery {
+            limit: 10,
+            ..TraceQuery::default()
+        };
+        for (name, value) in query_pairs(query.unwrap_or_default()) {
+            match name.as_str() {
+                "contains" => trace_query.contains = Some(value),
+                "limit" => match value.parse::<usize>() {
+                    Ok(limit) => trace_query.limit = limit.min(MAXIMUM_TRACE_LIMIT),
+                    Err(_) => return bad_request("limit: expected a number"),
+                },
+                "since" => match humantime::parse_duration(&value) {
+                    Ok(since) => trace_query.since = Some(since),
+                    Err(_) => return bad_request("since: expected a duration such as 15m or 1h"),
+                },
+                "status" => match StatusFilter::parse(&value) {
+                    Ok(status) => trace_query.status = Some(status),
+                    Err(message) => return bad_request(&format!("status: {message}")),
+                },
+                _ => return bad_request("expected the parameters contains, limit, since, status"),
+            }
+        }
+        let found = tokio::task::spawn_blocking(move || query_directory(&root, &trace_query)).await;
+        match found {
+            Ok(Ok(lines)) => {
+                let mut body = lines.join("\n");
+                if !body.is_empty() {
+                    body.push('\n');
+                }
+                let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-ndjson"),
+                );
+                response
+            }
+            Ok(Err(error)) => json_value(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"error": "store_unreadable", "message": error.to_string()}),
+            ),
+            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, r#"{"error":"internal"}"#),
+        }
+    }
+}
+
+fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
+    if left.len() != right.len() {
+        return false;
+    }
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+/// `application/x-www-form-urlencoded` pairs of a query string.
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name), percent_decode(value))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        let escaped = (byte == b'%')
+            .then(|| bytes.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (byte, escaped) {
+            (_, Some(value)) => {
+                decoded.push(value);
+                index += 3;
+            }
+            (b'+', None) => {
+                decoded.push(b' ');
+                index += 1;
+            }
+            (other, None) => {
+                decoded.push(other);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+fn bad_request(message: &str) -> Response<ResponseBody> {
+    json_value(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({"error": "bad_request", "message": message}),
+    )
 }
 
 fn json(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(Bytes::from(value.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -88,5 +351,30 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
                 tracing::debug!("admin connection ended with an error: {error}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode() {
+        assert_eq!(
+            query_pairs("contains=a%20b+c&limit=5&x"),
+            vec![
+                ("contains".to_owned(), "a b c".to_owned()),
+                ("limit".to_owned(), "5".to_owned()),
+                ("x".to_owned(), String::new()),
+            ]
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_equal(b"secret", b"secret"));
+        assert!(!constant_time_equal(b"secret", b"secreT"));
+        assert!(!constant_time_equal(b"secret", b"secret2"));
     }
 }

@@ -8,14 +8,29 @@
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
 //! - [`body`]: the response body type;
 //! - [`tls`]: certificates and trust;
-//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/capture`, `/traces`;
+//! - [`capture`]: what is captured, and the per-exchange handle feeding the ring;
+//! - [`tee`]: the body wrapper that hands frames to capture without delaying them;
+//! - [`ring`]: the bounded queue to the collector, with its full policy and counters;
+//! - [`collector`]: the thread that assembles exchanges into records;
+//! - [`record`], [`redaction`]: the `scoretap.trace/1` record, cut to 64 KB, with secrets removed;
+//! - [`sink`]: stdout and rotating local files;
+//! - [`query`]: reading records back.
 
 pub mod admin;
 pub mod body;
+pub mod capture;
+pub mod collector;
 pub mod error;
 pub mod headers;
 pub mod proxy;
+pub mod query;
+pub mod record;
+pub mod redaction;
+pub mod ring;
 pub mod server;
+pub mod sink;
+pub mod tee;
 pub mod tls;
 pub mod upstream;
 

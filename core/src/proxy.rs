@@ -20,12 +20,17 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::ResponseBody;
+use crate::capture::Capture;
 use crate::error::ProxyError;
 use crate::headers::{
     accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
     ForwardingPolicy, X_REQUEST_ID,
 };
-use crate::upstream::{Upstream, UpstreamProtocol};
+use crate::tee::TeeBody;
+use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
+
+/// The body of every response scoretap sends: the answer, teed to capture.
+pub type DownstreamBody = TeeBody<ResponseBody>;
 
 /// How requests are rewritten on their way through.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +48,7 @@ pub struct ProxySettings {
 pub struct Proxy {
     upstream: Upstream,
     settings: ProxySettings,
+    capture: Option<Capture>,
 }
 
 /// What phase 1 learned about a request that phase 2 needs.
@@ -55,8 +61,16 @@ struct CheckedRequest {
 }
 
 impl Proxy {
-    pub fn new(upstream: Upstream, settings: ProxySettings) -> Self {
-        Self { upstream, settings }
+    pub fn new(upstream: Upstream, settings: ProxySettings, capture: Option<Capture>) -> Self {
+        Self {
+            upstream,
+            settings,
+            capture,
+        }
+    }
+
+    pub fn capture(&self) -> Option<&Capture> {
+        self.capture.as_ref()
     }
 
     pub fn upstream(&self) -> &Upstream {
@@ -67,21 +81,29 @@ impl Proxy {
         &self.settings
     }
 
-    /// Handles one request from start to finish. Never fails: errors become answers.
+    /// Handles one request from start to finish. Never fails: errors become answers. When the
+    /// exchange is captured, both bodies go through a tee and the exchange is recorded when the
+    /// response body ends (or the client goes away).
     pub async fn handle(
         self: Arc<Self>,
         downstream: Downstream,
         request: Request<Incoming>,
-    ) -> Response<ResponseBody> {
+    ) -> Response<DownstreamBody> {
         let started = Instant::now();
         let correlation_id = correlation_id(request.headers());
         let method = request.method().clone();
         let client_version = request.version();
+        let exchange = self
+            .capture
+            .as_ref()
+            .and_then(|capture| capture.begin(&request, &correlation_id));
+        let request_tap = exchange.as_ref().map(|exchange| exchange.request_tap());
+        let request = request.map(|body| TeeBody::new(body, request_tap));
         let result = self
             .forward(downstream, request, &correlation_id, client_version)
             .await;
-        let response = match result {
-            Ok(response) => response,
+        let (response, outcome, error) = match result {
+            Ok(response) => (response, "ok", None),
             Err(error) => {
                 tracing::warn!(
                     correlation_id = correlation_id.to_str().unwrap_or_default(),
@@ -89,17 +111,23 @@ impl Proxy {
                     kind = error.kind(),
                     "{error}"
                 );
-                error.to_response(&correlation_id)
+                let response = error.to_response(&correlation_id);
+                (
+                    response,
+                    error.outcome(),
+                    Some((error.kind(), error.to_string())),
+                )
             }
         };
         self.finish(&method, &response, &correlation_id, started);
-        response
+        let response_tap = exchange.map(|exchange| exchange.respond(&response, outcome, error));
+        response.map(|body| TeeBody::new(body, response_tap))
     }
 
     async fn forward(
         &self,
         downstream: Downstream,
-        mut request: Request<Incoming>,
+        mut request: Request<UpstreamRequestBody>,
         correlation_id: &HeaderValue,
         client_version: Version,
     ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -116,7 +144,10 @@ impl Proxy {
     }
 
     /// Phase 1: refuse requests that must not be forwarded.
-    fn check_request(&self, request: &mut Request<Incoming>) -> Result<CheckedRequest, ProxyError> {
+    fn check_request(
+        &self,
+        request: &mut Request<UpstreamRequestBody>,
+    ) -> Result<CheckedRequest, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest {
                 status: StatusCode::METHOD_NOT_ALLOWED,
@@ -156,12 +187,12 @@ impl Proxy {
     /// Phase 2: the request as the upstream will receive it.
     fn upstream_request(
         &self,
-        request: Request<Incoming>,
+        request: Request<UpstreamRequestBody>,
         downstream: Downstream,
         correlation_id: &HeaderValue,
         client_host: Option<HeaderValue>,
         upgrading: bool,
-    ) -> Result<Request<Incoming>, ProxyError> {
+    ) -> Result<Request<UpstreamRequestBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let client_accepts_trailers = accepts_trailers(&parts.headers);
         let headers = &mut parts.headers;

@@ -15,6 +15,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::admin::AdminState;
+use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
 use crate::headers::Downstream;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{ReloadableServerConfig, ServerCertificateFiles, TlsError};
@@ -37,7 +38,14 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     pub upstream: UpstreamSettings,
     pub proxy: ProxySettings,
+    /// Capture of every exchange; `None` runs a plain proxy.
+    pub capture: Option<CaptureSettings>,
+    /// Bearer token for the admin's mutating endpoints (`PUT /capture`); `None` refuses them.
+    pub admin_token: Option<String>,
 }
+
+/// How long the collector may take to write what it holds when scoretap stops.
+const COLLECTOR_STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +59,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("listener TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("cannot start capture: {0}")]
+    Capture(std::io::Error),
 }
 
 /// The listeners, bound and ready to run.
@@ -64,6 +74,9 @@ pub struct BoundServer {
     proxy: Arc<Proxy>,
     drain_timeout: Duration,
     draining: Arc<AtomicBool>,
+    collector: Option<CollectorStopper>,
+    admin_token: Option<String>,
+    store: Option<crate::sink::StoreLocation>,
 }
 
 async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -86,15 +99,31 @@ impl BoundServer {
         };
         let (proxy_listener, proxy_address) = bind(settings.listen).await?;
         let (admin_listener, admin_address) = bind(settings.admin_listen).await?;
+        let (capture, collector) = match &settings.capture {
+            Some(capture) => {
+                let runtime = CaptureRuntime::start(capture, &settings.proxy.service)
+                    .map_err(StartError::Capture)?;
+                let (capture, collector) = runtime.into_parts();
+                (Some(capture), Some(collector))
+            }
+            None => (None, None),
+        };
+        let store = settings
+            .capture
+            .as_ref()
+            .map(|capture| capture.store.clone());
         Ok(Self {
             proxy_listener,
             admin_listener,
             proxy_address,
             admin_address,
             tls,
-            proxy: Arc::new(Proxy::new(upstream, settings.proxy)),
+            proxy: Arc::new(Proxy::new(upstream, settings.proxy, capture)),
             drain_timeout: settings.drain_timeout,
             draining: Arc::new(AtomicBool::new(false)),
+            collector,
+            admin_token: settings.admin_token,
+            store,
         })
     }
 
@@ -111,7 +140,12 @@ impl BoundServer {
     /// Serves until `shutdown` resolves, then drains: stops accepting, turns `/readyz` to 503,
     /// and lets in-flight requests finish for up to the drain timeout.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let admin = AdminState::new(self.proxy.clone(), self.draining.clone());
+        let admin = AdminState::new(
+            self.proxy.clone(),
+            self.draining.clone(),
+            self.admin_token.clone(),
+            self.store.clone(),
+        );
         let admin_task = tokio::spawn(crate::admin::serve(self.admin_listener, admin));
         let reload_task = self
             .tls
@@ -155,6 +189,9 @@ impl BoundServer {
             .is_err()
         {
             tracing::warn!("drain deadline reached with requests still in flight");
+        }
+        if let Some(collector) = self.collector {
+            collector.stop(COLLECTOR_STOP_DEADLINE).await;
         }
         admin_task.abort();
         if let Some(task) = reload_task {

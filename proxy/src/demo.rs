@@ -14,13 +14,17 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use scoretap_core::capture::{CaptureSelection, CaptureSettings};
 use scoretap_core::headers::ForwardingPolicy;
 use scoretap_core::proxy::ProxySettings;
+use scoretap_core::query::{query_directory, TraceQuery};
+use scoretap_core::redaction::Redaction;
+use scoretap_core::sink::StoreLocation;
 use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
 use scoretap_core::{BoundServer, ServerSettings};
 use tokio::net::TcpListener;
 
-use crate::settings::parse_address;
+use crate::settings::{parse_address, parse_store};
 
 /// `scoretap demo`'s flags.
 #[derive(Debug, Clone, Args)]
@@ -34,6 +38,9 @@ pub struct DemoArgs {
     /// Admin address [default: 127.0.0.1:9901 with --serve, any free port otherwise]
     #[arg(long, value_name = "ADDR", value_parser = parse_address)]
     admin_listen: Option<SocketAddr>,
+    /// Where the demo's records go
+    #[arg(long, value_name = "URL", value_parser = parse_store, default_value = "file://./scoretap-data")]
+    store: StoreLocation,
 }
 
 /// The built-in model: a linear regression over 10 features, the shape of the Azure ML sklearn
@@ -135,10 +142,10 @@ const SAMPLES: &[Sample] = &[
         headers: &[("content-type", "application/json")],
     },
     Sample {
-        what: "your own correlation id is kept",
+        what: "your own correlation id is kept; the API key and customer.email are redacted in the record",
         method: Method::POST,
         path: "/score",
-        body: r#"{"data": [[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]]}"#,
+        body: r#"{"data": [[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]], "customer": {"email": "ada@example.com"}}"#,
         headers: &[
             ("content-type", "application/json"),
             ("x-request-id", "demo-request-42"),
@@ -212,6 +219,19 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             forwarding: ForwardingPolicy::default(),
             preserve_host: false,
         },
+        capture: Some(CaptureSettings {
+            enabled: true,
+            sample_rate: 1.0,
+            selection: CaptureSelection::default(),
+            buffer_bytes: 16 << 20,
+            buffer_slots: 4096,
+            store: args.store.clone(),
+            instance: "demo".into(),
+            trace_file_bytes: 64 << 20,
+            redaction: Redaction::new(&[], &["$.customer.email".to_owned()])?,
+            flush_interval: Duration::from_millis(50),
+        }),
+        admin_token: None,
     })
     .await?;
     let proxy_address = server.proxy_address();
@@ -233,6 +253,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut failures = 0;
+    let mut correlation_ids = Vec::new();
     for (number, sample) in SAMPLES.iter().enumerate() {
         let mut request = Request::builder()
             .method(sample.method.clone())
@@ -260,6 +281,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         if correlation == "(none)" {
             failures += 1;
         }
+        correlation_ids.push(correlation.clone());
         println!(
             "{:<3} {:<6} {:<7} {:>6} {:>8.2}  {:<38} {}",
             number + 1,
@@ -280,8 +302,39 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         .status();
     println!();
     println!("readyz: {} (the upstream is reachable)", ready.as_u16());
+    let records = wait_for_records(&args.store, &correlation_ids).await;
+    println!();
+    match &records {
+        Some(records) => {
+            println!(
+                "captured {} of {} exchanges (inputs and predictions, cut to 64 KB each):",
+                records.len(),
+                correlation_ids.len()
+            );
+            for record in records {
+                println!("  {}", summarize(record));
+            }
+            if let Some(first) = records.first() {
+                println!();
+                println!("one record in full:");
+                println!("{first}");
+            }
+            if records.len() < correlation_ids.len() {
+                failures += 1;
+            }
+        }
+        None => println!("records go to {}", args.store.url()),
+    }
     println!();
     println!("Where to look:");
+    println!(
+        "  - records: {} (JSON lines, traces/<service>/<yyyy>/<mm>/<dd>/<HH>/)",
+        args.store.url()
+    );
+    println!(
+        "  - query them: scoretap traces --store {} --contains data --limit 10",
+        args.store.url()
+    );
     println!("  - every response carries x-request-id; scoretap forwards it to the model too");
     println!("  - scoretap logs to stderr (--log-format json for structured logs)");
     println!("  - run `scoretap demo --serve` to keep it up and send your own requests:");
@@ -305,6 +358,61 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("some answers did not come back through the proxy as expected".into());
     }
     Ok(())
+}
+
+/// Waits until the records of these exchanges are in the store (file stores only).
+async fn wait_for_records(
+    store: &StoreLocation,
+    correlation_ids: &[String],
+) -> Option<Vec<serde_json::Value>> {
+    let StoreLocation::Directory(root) = store else {
+        return None;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut records = Vec::new();
+        for id in correlation_ids {
+            let query = TraceQuery {
+                contains: Some(format!("\"correlation_id\":\"{id}\"")),
+                limit: 1,
+                ..TraceQuery::default()
+            };
+            if let Ok(lines) = query_directory(root, &query) {
+                records.extend(
+                    lines
+                        .iter()
+                        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()),
+                );
+            }
+        }
+        if records.len() == correlation_ids.len() || Instant::now() >= deadline {
+            return Some(records);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One line about a record: outcome, status, what went in and what came out.
+fn summarize(record: &serde_json::Value) -> String {
+    let clip = |value: &serde_json::Value| {
+        let mut text = match value {
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        if text.len() > 48 {
+            text.truncate(text.floor_char_boundary(45));
+            text.push_str("...");
+        }
+        text
+    };
+    format!(
+        "{:<8} {:>3} {:<7} in={:<50} out={}",
+        record["outcome"].as_str().unwrap_or("?"),
+        record["response"]["status"],
+        record["request"]["path"].as_str().unwrap_or("?"),
+        clip(&record["request"]["body"]["inline"]),
+        clip(&record["response"]["body"]["inline"]),
+    )
 }
 
 #[cfg(test)]

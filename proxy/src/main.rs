@@ -32,6 +32,28 @@ enum Command {
     /// Start a built-in scoring endpoint with scoretap in front, send requests through it, and
     /// show what happened
     Demo(demo::DemoArgs),
+    /// Print recorded exchanges from a store, newest first, as JSON lines
+    Traces(TracesArgs),
+}
+
+/// `scoretap traces`'s flags.
+#[derive(Debug, clap::Args)]
+struct TracesArgs {
+    /// The store to read, as given to `run --store` (file:///DIR or a directory)
+    #[arg(long, env = "SCORETAP_STORE", value_name = "URL", value_parser = settings::parse_store, default_value = "file://./scoretap-data")]
+    store: scoretap_core::sink::StoreLocation,
+    /// Only records whose JSON contains this text
+    #[arg(long, value_name = "TEXT")]
+    contains: Option<String>,
+    /// At most this many records
+    #[arg(long, value_name = "COUNT", default_value_t = 10)]
+    limit: usize,
+    /// Only records that started within this long, e.g. 15m or 1h
+    #[arg(long, value_name = "DURATION", value_parser = settings::parse_duration)]
+    since: Option<std::time::Duration>,
+    /// Only responses with this status class (5xx) or status (503)
+    #[arg(long, value_name = "STATUS", value_parser = scoretap_core::query::StatusFilter::parse)]
+    status: Option<scoretap_core::query::StatusFilter>,
 }
 
 /// Exit status for configuration errors, as clap uses for bad flags.
@@ -45,6 +67,7 @@ fn main() -> ExitCode {
             run_async(demo::run(args))
         }
         Some(Command::Run(args)) => run(*args),
+        Some(Command::Traces(args)) => traces(args),
         None => run(cli.run),
     }
 }
@@ -72,6 +95,35 @@ fn run(args: RunArgs) -> ExitCode {
     }
     init_logging(settings.log_format, &settings.log_level);
     run_async(serve(settings))
+}
+
+fn traces(args: TracesArgs) -> ExitCode {
+    let scoretap_core::sink::StoreLocation::Directory(root) = &args.store else {
+        eprintln!("error: invalid value for '--store <URL>': records sent to stdout cannot be read back; give the file store's directory");
+        return ExitCode::from(USAGE_ERROR);
+    };
+    let query = scoretap_core::query::TraceQuery {
+        contains: args.contains,
+        limit: args.limit,
+        since: args.since,
+        status: args.status,
+    };
+    match scoretap_core::query::query_directory(root, &query) {
+        Ok(lines) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for line in lines {
+                if writeln!(out, "{line}").is_err() {
+                    break;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: cannot read the store {}: {error}", root.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {

@@ -11,8 +11,11 @@ use std::time::Duration;
 use clap::Args;
 use http::Uri;
 use ipnet::IpNet;
+use scoretap_core::capture::{CaptureSelection, CaptureSettings, ContentTypePattern, PathPattern};
 use scoretap_core::headers::{ForwardedMode, ForwardingPolicy};
 use scoretap_core::proxy::ProxySettings;
+use scoretap_core::redaction::Redaction;
+use scoretap_core::sink::StoreLocation;
 use scoretap_core::tls::ServerCertificateFiles;
 use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
 use scoretap_core::ServerSettings;
@@ -92,12 +95,80 @@ pub struct RunArgs {
     /// Log filter, e.g. info or scoretap_core=debug [default: info]
     #[arg(long, env = "SCORETAP_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Where records go: stdout, or file:///DIR for rotating JSONL files [default: file://./scoretap-data]
+    #[arg(long, env = "SCORETAP_STORE", value_name = "URL", value_parser = parse_store)]
+    pub store: Option<StoreLocation>,
+    /// Capture exchanges (switchable at run time with PUT /capture) [default: true]
+    #[arg(long, env = "SCORETAP_CAPTURE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub capture: Option<bool>,
+    /// Fraction of exchanges captured, 0.0 to 1.0 [default: 1.0]
+    #[arg(long, env = "SCORETAP_SAMPLE_RATE", value_name = "RATE", value_parser = parse_rate)]
+    pub sample_rate: Option<f64>,
+    /// Only capture these paths (comma-separated patterns, * matches anything, e.g. /score*)
+    #[arg(long, env = "SCORETAP_CAPTURE_INCLUDE", value_name = "PATTERNS", value_parser = parse_list)]
+    pub capture_include: Option<List>,
+    /// Never capture these paths (comma-separated patterns, e.g. /health*)
+    #[arg(long, env = "SCORETAP_CAPTURE_EXCLUDE", value_name = "PATTERNS", value_parser = parse_list)]
+    pub capture_exclude: Option<List>,
+    /// Record these bodies without their bytes [default: audio/*,video/*,image/*]
+    #[arg(long, env = "SCORETAP_CAPTURE_EXCLUDE_CONTENT_TYPES", value_name = "TYPES", value_parser = parse_list)]
+    pub capture_exclude_content_types: Option<List>,
+    /// Stop capturing a body past this size (complete: false) [default: 1GiB]
+    #[arg(long, env = "SCORETAP_CAPTURE_MAX_BODY_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub capture_max_body_bytes: Option<u64>,
+    /// Byte budget of the capture ring; when spent, capture drops and counts [default: 64MiB]
+    #[arg(long, env = "SCORETAP_CAPTURE_BUFFER_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub capture_buffer_bytes: Option<u64>,
+    /// Events the capture ring holds [default: 65536]
+    #[arg(long, env = "SCORETAP_CAPTURE_BUFFER_SLOTS", value_name = "COUNT", value_parser = parse_count)]
+    pub capture_buffer_slots: Option<usize>,
+    /// Extra header names redacted in records and logs (authorization, cookies, API keys always are)
+    #[arg(long, env = "SCORETAP_REDACT_HEADERS", value_name = "NAMES", value_parser = parse_list)]
+    pub redact_headers: Option<List>,
+    /// JSON fields redacted in recorded bodies, e.g. $.customer.email,$.data[*].ssn
+    #[arg(long, env = "SCORETAP_REDACT_JSON", value_name = "PATHS", value_parser = parse_list)]
+    pub redact_json: Option<List>,
+    /// Bearer token required by the admin's mutating endpoints (PUT /capture)
+    #[arg(
+        long,
+        env = "SCORETAP_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Names this process in trace file names [default: the host name]
+    #[arg(long, env = "SCORETAP_INSTANCE", value_name = "NAME", value_parser = parse_service)]
+    pub instance: Option<String>,
+    /// Start a new trace file past this size [default: 64MiB]
+    #[arg(long, env = "SCORETAP_TRACE_FILE_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub trace_file_bytes: Option<u64>,
     /// TOML file with the same keys as these flags (kebab-case, e.g. upstream-timeout = "2s")
     #[arg(long, env = "SCORETAP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Validate the configuration, print it as JSON and exit
     #[arg(long, env = "SCORETAP_CHECK_CONFIG", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
     pub check_config: Option<bool>,
+}
+
+/// A comma-separated list of values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct List(pub Vec<String>);
+
+/// A list in the config file: an array of strings, or one comma-separated string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileList {
+    Many(Vec<String>),
+    One(String),
+}
+
+impl FileList {
+    fn joined(self) -> String {
+        match self {
+            FileList::Many(items) => items.join(","),
+            FileList::One(text) => text,
+        }
+    }
 }
 
 /// A list of networks, as given to `--trusted-proxies`.
@@ -137,6 +208,37 @@ struct FileSettings {
     drain_timeout: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
+    store: Option<String>,
+    capture: Option<bool>,
+    sample_rate: Option<f64>,
+    capture_include: Option<FileList>,
+    capture_exclude: Option<FileList>,
+    capture_exclude_content_types: Option<FileList>,
+    capture_max_body_bytes: Option<FileSize>,
+    capture_buffer_bytes: Option<FileSize>,
+    capture_buffer_slots: Option<usize>,
+    redact_headers: Option<FileList>,
+    redact_json: Option<FileList>,
+    admin_token: Option<String>,
+    instance: Option<String>,
+    trace_file_bytes: Option<FileSize>,
+}
+
+/// A size in the config file: a number of bytes, or text such as "64MiB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl FileSize {
+    fn text(self) -> String {
+        match self {
+            FileSize::Bytes(bytes) => bytes.to_string(),
+            FileSize::Text(text) => text,
+        }
+    }
 }
 
 /// The merged, validated configuration of `scoretap run`.
@@ -166,8 +268,44 @@ pub struct RunSettings {
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    #[serde(serialize_with = "serialize_store")]
+    pub store: StoreLocation,
+    pub capture: bool,
+    pub sample_rate: f64,
+    pub capture_include: Vec<String>,
+    pub capture_exclude: Vec<String>,
+    pub capture_exclude_content_types: Vec<String>,
+    pub capture_max_body_bytes: u64,
+    pub capture_buffer_bytes: u64,
+    pub capture_buffer_slots: usize,
+    pub redact_headers: Vec<String>,
+    pub redact_json: Vec<String>,
+    #[serde(serialize_with = "serialize_secret")]
+    pub admin_token: Option<String>,
+    pub instance: String,
+    pub trace_file_bytes: u64,
     #[serde(skip)]
     trusted_networks: Vec<IpNet>,
+    #[serde(skip)]
+    redaction: Redaction,
+}
+
+fn serialize_store<S: serde::Serializer>(
+    value: &StoreLocation,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&value.url())
+}
+
+/// Secrets are never printed, only whether they are set.
+fn serialize_secret<S: serde::Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_str("[redacted]"),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn serialize_display<S: serde::Serializer>(value: &Uri, serializer: S) -> Result<S::Ok, S::Error> {
@@ -283,6 +421,55 @@ impl RunArgs {
             parse_log_format,
         )?);
         self.log_level = self.log_level.or(file.log_level);
+        self.store = self
+            .store
+            .or(from_file(p, "store", file.store, parse_store)?);
+        self.capture = self.capture.or(file.capture);
+        self.sample_rate = self.sample_rate.or(from_file(
+            p,
+            "sample-rate",
+            file.sample_rate.map(|rate| rate.to_string()),
+            parse_rate,
+        )?);
+        let list = |key: &str, value: Option<FileList>| {
+            from_file(p, key, value.map(FileList::joined), parse_list)
+        };
+        self.capture_include = self
+            .capture_include
+            .or(list("capture-include", file.capture_include)?);
+        self.capture_exclude = self
+            .capture_exclude
+            .or(list("capture-exclude", file.capture_exclude)?);
+        self.capture_exclude_content_types = self.capture_exclude_content_types.or(list(
+            "capture-exclude-content-types",
+            file.capture_exclude_content_types,
+        )?);
+        let size = |key: &str, value: Option<FileSize>| {
+            from_file(p, key, value.map(FileSize::text), parse_size)
+        };
+        self.capture_max_body_bytes = self
+            .capture_max_body_bytes
+            .or(size("capture-max-body-bytes", file.capture_max_body_bytes)?);
+        self.capture_buffer_bytes = self
+            .capture_buffer_bytes
+            .or(size("capture-buffer-bytes", file.capture_buffer_bytes)?);
+        self.capture_buffer_slots = self.capture_buffer_slots.or(from_file(
+            p,
+            "capture-buffer-slots",
+            file.capture_buffer_slots.map(|slots| slots.to_string()),
+            parse_count,
+        )?);
+        self.redact_headers = self
+            .redact_headers
+            .or(list("redact-headers", file.redact_headers)?);
+        self.redact_json = self.redact_json.or(list("redact-json", file.redact_json)?);
+        self.admin_token = self.admin_token.or(file.admin_token);
+        self.instance = self
+            .instance
+            .or(from_file(p, "instance", file.instance, parse_service)?);
+        self.trace_file_bytes = self
+            .trace_file_bytes
+            .or(size("trace-file-bytes", file.trace_file_bytes)?);
         Ok(self)
     }
 
@@ -328,6 +515,23 @@ impl RunArgs {
             .or_else(|| upstream.host().map(str::to_owned))
             .unwrap_or_else(|| "scoring".into());
         let trusted_networks = args.trusted_proxies.unwrap_or_default().0;
+        let redact_headers = args.redact_headers.unwrap_or_default().0;
+        let redact_json = args.redact_json.unwrap_or_default().0;
+        let redaction = Redaction::new(&redact_headers, &redact_json).map_err(|error| {
+            SettingsError::Invalid(format!(
+                "invalid value for '--redact-json <PATHS>' or '--redact-headers <NAMES>': {error}"
+            ))
+        })?;
+        if args
+            .admin_token
+            .as_deref()
+            .is_some_and(|token| token.len() < 8)
+        {
+            return Err(SettingsError::Invalid(
+                "invalid value for '--admin-token <TOKEN>': expected at least 8 characters".into(),
+            ));
+        }
+        let capture_buffer_bytes = args.capture_buffer_bytes.unwrap_or(64 << 20);
         Ok(RunSettings {
             listen: args
                 .listen
@@ -354,7 +558,33 @@ impl RunArgs {
             drain_timeout: args.drain_timeout.unwrap_or(Duration::from_secs(30)),
             log_format: args.log_format.unwrap_or_default(),
             log_level: args.log_level.unwrap_or_else(|| "info".into()),
+            store: args
+                .store
+                .unwrap_or_else(|| StoreLocation::Directory(PathBuf::from("./scoretap-data"))),
+            capture: args.capture.unwrap_or(true),
+            sample_rate: args.sample_rate.unwrap_or(1.0),
+            capture_include: args.capture_include.unwrap_or_default().0,
+            capture_exclude: args.capture_exclude.unwrap_or_default().0,
+            capture_exclude_content_types: args.capture_exclude_content_types.map_or_else(
+                || {
+                    CaptureSelection::default()
+                        .excluded_content_types
+                        .iter()
+                        .map(|pattern| pattern.as_str().to_owned())
+                        .collect()
+                },
+                |list| list.0,
+            ),
+            capture_max_body_bytes: args.capture_max_body_bytes.unwrap_or(1 << 30),
+            capture_buffer_bytes,
+            capture_buffer_slots: args.capture_buffer_slots.unwrap_or(65_536),
+            redact_headers,
+            redact_json,
+            admin_token: args.admin_token,
+            instance: args.instance.unwrap_or_else(default_instance),
+            trace_file_bytes: args.trace_file_bytes.unwrap_or(64 << 20),
             trusted_networks,
+            redaction,
         })
     }
 }
@@ -391,8 +621,47 @@ impl RunSettings {
                 },
                 preserve_host: self.preserve_host,
             },
+            capture: Some(CaptureSettings {
+                enabled: self.capture,
+                sample_rate: self.sample_rate,
+                selection: CaptureSelection {
+                    include_paths: self
+                        .capture_include
+                        .iter()
+                        .map(|p| PathPattern::new(p))
+                        .collect(),
+                    exclude_paths: self
+                        .capture_exclude
+                        .iter()
+                        .map(|p| PathPattern::new(p))
+                        .collect(),
+                    excluded_content_types: self
+                        .capture_exclude_content_types
+                        .iter()
+                        .map(|p| ContentTypePattern::new(p))
+                        .collect(),
+                    maximum_body_bytes: self.capture_max_body_bytes,
+                },
+                buffer_bytes: self.capture_buffer_bytes,
+                buffer_slots: self.capture_buffer_slots,
+                store: self.store.clone(),
+                instance: self.instance.clone(),
+                trace_file_bytes: self.trace_file_bytes,
+                redaction: self.redaction.clone(),
+                flush_interval: Duration::from_millis(100),
+            }),
+            admin_token: self.admin_token.clone(),
         }
     }
+}
+
+/// This host's name, for trace file names.
+fn default_instance() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| parse_service(name).is_ok())
+        .unwrap_or_else(|| "scoretap".into())
 }
 
 // Value parsers, shared by flags, environment variables and the config file. Each message says
@@ -480,6 +749,60 @@ fn parse_networks(text: &str) -> Result<Networks, String> {
         .map(Networks)
 }
 
+pub fn parse_store(text: &str) -> Result<StoreLocation, String> {
+    StoreLocation::parse(text).map_err(|error| error.to_string())
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err("expected a number from 0.0 to 1.0, such as 0.1".into()),
+    }
+}
+
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err("expected a whole number above zero".into()),
+    }
+}
+
+fn parse_list(text: &str) -> Result<List, String> {
+    Ok(List(
+        text.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
+}
+
+/// Parses a size: plain bytes, or with a unit (KB, MB, GB are powers of 1000; KiB, MiB, GiB of
+/// 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "expected a size such as 65536, 512KiB, 64MiB or 1GiB";
+    let text = text.trim();
+    let split = text
+        .find(|character: char| !character.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| EXPECTED.to_owned())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        _ => return Err(EXPECTED.into()),
+    };
+    match number.checked_mul(multiplier) {
+        Some(size) if size > 0 => Ok(size),
+        _ => Err(EXPECTED.into()),
+    }
+}
+
 fn parse_bool(text: &str) -> Result<bool, String> {
     match text.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -499,6 +822,15 @@ fn parse_log_format(text: &str) -> Result<LogFormat, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("65536"), Ok(65_536));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+    }
 
     #[test]
     fn parsers_accept_good_and_explain_bad_values() {

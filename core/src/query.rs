@@ -1,0 +1,204 @@
+//! Reading records back from a local store, newest first: what users ran as
+//! `traces | where customDimensions contains "input" | limit 10`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// Which records to return.
+#[derive(Debug, Clone, Default)]
+pub struct TraceQuery {
+    /// Only records whose JSON text contains this.
+    pub contains: Option<String>,
+    /// At most this many records.
+    pub limit: usize,
+    /// Only records that started within this long before now.
+    pub since: Option<Duration>,
+    pub status: Option<StatusFilter>,
+}
+
+/// A filter on the response status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// `2xx`, `4xx`, `5xx`: the hundreds digit.
+    Class(u16),
+    /// One exact status.
+    Exact(u16),
+}
+
+impl StatusFilter {
+    /// Parses `5xx` or `503`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "expected a status class such as 5xx or a status such as 503";
+        let text = text.trim().to_ascii_lowercase();
+        if let Some(class) = text.strip_suffix("xx") {
+            return match class.parse::<u16>() {
+                Ok(class) if (1..=5).contains(&class) => Ok(StatusFilter::Class(class)),
+                _ => Err(EXPECTED.into()),
+            };
+        }
+        match text.parse::<u16>() {
+            Ok(status) if (100..=599).contains(&status) => Ok(StatusFilter::Exact(status)),
+            _ => Err(EXPECTED.into()),
+        }
+    }
+
+    fn matches(self, status: Option<u64>) -> bool {
+        let Some(status) = status else {
+            return false;
+        };
+        match self {
+            StatusFilter::Class(class) => status / 100 == u64::from(class),
+            StatusFilter::Exact(exact) => status == u64::from(exact),
+        }
+    }
+}
+
+/// All trace files under `root`, newest first (by their hour directory, then name).
+fn trace_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let traces = root.join("traces");
+    if !traces.is_dir() {
+        return Ok(files);
+    }
+    let mut stack = vec![traces];
+    while let Some(directory) = stack.pop() {
+        for entry in std::fs::read_dir(&directory)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|extension| extension == "jsonl")
+            {
+                files.push(path);
+            }
+        }
+    }
+    // Paths end in yyyy/mm/dd/HH/<instance>-<seq>.jsonl: sorting the part after the service
+    // directory sorts by time, then sequence.
+    files.sort_by_cached_key(|path| {
+        let components: Vec<String> = path
+            .components()
+            .rev()
+            .take(5)
+            .map(|component| component.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let modified = std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .ok();
+        (components.into_iter().rev().collect::<Vec<_>>(), modified)
+    });
+    files.reverse();
+    Ok(files)
+}
+
+/// Finds records in a local store, newest first.
+pub fn query_directory(root: &Path, query: &TraceQuery) -> std::io::Result<Vec<String>> {
+    let since = query
+        .since
+        .map(|since| humantime::format_rfc3339_micros(SystemTime::now() - since).to_string());
+    let mut found = Vec::new();
+    if query.limit == 0 {
+        return Ok(found);
+    }
+    for file in trace_files(root)? {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
+        for line in text.lines().rev() {
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(needle) = &query.contains {
+                if !line.contains(needle.as_str()) {
+                    continue;
+                }
+            }
+            if since.is_some() || query.status.is_some() {
+                let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if let Some(since) = &since {
+                    let started = record["started_at"].as_str().unwrap_or_default();
+                    if started < since.as_str() {
+                        continue;
+                    }
+                }
+                if let Some(status) = query.status {
+                    if !status.matches(record["response"]["status"].as_u64()) {
+                        continue;
+                    }
+                }
+            }
+            found.push(line.to_owned());
+            if found.len() >= query.limit {
+                return Ok(found);
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_filters_parse() {
+        assert_eq!(StatusFilter::parse("5xx"), Ok(StatusFilter::Class(5)));
+        assert_eq!(StatusFilter::parse("404"), Ok(StatusFilter::Exact(404)));
+        assert!(StatusFilter::parse("9xx").is_err());
+        assert!(StatusFilter::Class(5).matches(Some(502)));
+        assert!(!StatusFilter::Class(5).matches(None));
+    }
+
+    #[test]
+    fn finds_newest_matching_records() {
+        let root = std::env::temp_dir().join(format!("scoretap-query-{}", std::process::id()));
+        let hour = root.join("traces/svc/2026/11/23/17");
+        std::fs::create_dir_all(&hour).expect("dir");
+        let now = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        std::fs::write(
+            hour.join("a-000001.jsonl"),
+            format!(
+                "{{\"n\":1,\"started_at\":\"{now}\",\"response\":{{\"status\":200}},\"input\":1}}\n{{\"n\":2,\"started_at\":\"{now}\",\"response\":{{\"status\":502}}}}\n"
+            ),
+        )
+        .expect("write");
+        let all = query_directory(
+            &root,
+            &TraceQuery {
+                limit: 10,
+                ..TraceQuery::default()
+            },
+        )
+        .expect("query");
+        assert_eq!(all.len(), 2);
+        assert!(all[0].contains("\"n\":2"), "newest first");
+        let failing = query_directory(
+            &root,
+            &TraceQuery {
+                limit: 10,
+                status: Some(StatusFilter::Class(5)),
+                since: Some(Duration::from_secs(3600)),
+                ..TraceQuery::default()
+            },
+        )
+        .expect("query");
+        assert_eq!(failing.len(), 1);
+        let contains = query_directory(
+            &root,
+            &TraceQuery {
+                limit: 10,
+                contains: Some("input".into()),
+                ..TraceQuery::default()
+            },
+        )
+        .expect("query");
+        assert_eq!(contains.len(), 1);
+        std::fs::remove_dir_all(&root).ok();
+    }
+}

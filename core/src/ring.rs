@@ -1,0 +1,363 @@
+//! The bounded queue between the proxy's request path and the collector thread.
+//!
+//! Two limits bound it: a number of slots (every event takes one) and a byte budget (body bytes
+//! of chunk events, and the prefixes the collector keeps until it writes a record). Pushing never
+//! blocks and never allocates per byte: a chunk is a `Bytes` clone (a reference count).
+//!
+//! # When full
+//!
+//! [`WhenFull::DropNewest`] is the only policy: the event being pushed is dropped, the drop is
+//! counted by reason, and the body it belonged to stops being captured (its record says
+//! `complete: false`). The client's bytes are never delayed: capture falls behind, traffic does
+//! not.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+/// What the ring does with an event when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Drop the event being pushed, count it, mark its body incomplete. Never block.
+    DropNewest,
+}
+
+/// Identifies one exchange between its events.
+pub type ExchangeId = u64;
+
+/// Which body of an exchange an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+/// How a body ended: exactly one of these is reported per body.
+#[derive(Debug)]
+pub enum BodyEnd {
+    /// The body ended normally.
+    Complete,
+    /// The body ended with trailers.
+    Trailers(HeaderMap),
+    /// Reading the body failed (reset, malformed framing).
+    Error(String),
+    /// The body was dropped before its end (client gone, upstream answered early).
+    Cancelled,
+}
+
+/// The request half of an exchange, known when it starts.
+#[derive(Debug)]
+pub struct ExchangeStart {
+    pub exchange: ExchangeId,
+    pub at: Instant,
+    pub started_at: std::time::SystemTime,
+    pub correlation_id: String,
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub http_version: &'static str,
+    pub headers: HeaderMap,
+    /// Why the request body is not captured, if it is not.
+    pub request_body_excluded: Option<&'static str>,
+}
+
+/// The response head, as the client receives it.
+#[derive(Debug)]
+pub struct ResponseStart {
+    pub exchange: ExchangeId,
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The outcome so far: "ok", "upstream_error", "upstream_timeout", "proxy_error".
+    pub outcome: &'static str,
+    /// `(kind, message)` of the proxy's error, if it made the answer.
+    pub error: Option<(&'static str, String)>,
+    /// Why the response body is not captured, if it is not.
+    pub body_excluded: Option<&'static str>,
+}
+
+/// One event on its way to the collector.
+#[derive(Debug)]
+pub enum CaptureEvent {
+    Start(Box<ExchangeStart>),
+    Response(Box<ResponseStart>),
+    Chunk {
+        exchange: ExchangeId,
+        direction: Direction,
+        data: Bytes,
+    },
+    End {
+        exchange: ExchangeId,
+        direction: Direction,
+        end: BodyEnd,
+        /// Bytes of this body that crossed the proxy, counted whether or not captured.
+        size: u64,
+        /// Capture of this body was given up before its end (ring full, size limit).
+        lost: bool,
+        at: Instant,
+    },
+    /// The exchange ended without a response (the client went away while waiting).
+    Abandoned {
+        exchange: ExchangeId,
+        at: Instant,
+    },
+}
+
+/// Roughly what a header map holds in memory.
+fn header_bytes(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().len() + value.len() + 32) as u64)
+        .sum()
+}
+
+impl ExchangeStart {
+    /// An estimate of what this head holds in memory.
+    pub fn budget_bytes(&self) -> u64 {
+        256 + header_bytes(&self.headers)
+            + (self.path.len() + self.query.as_ref().map_or(0, String::len)) as u64
+    }
+}
+
+impl ResponseStart {
+    /// An estimate of what this head holds in memory.
+    pub fn budget_bytes(&self) -> u64 {
+        128 + header_bytes(&self.headers)
+    }
+}
+
+impl CaptureEvent {
+    /// What the event takes from the byte budget: body bytes of a chunk, an estimate of the
+    /// heads (they are held until the record is written). Ends take none, so a body's end is
+    /// refused only when every slot is taken.
+    pub fn budget_bytes(&self) -> u64 {
+        match self {
+            CaptureEvent::Chunk { data, .. } => data.len() as u64,
+            CaptureEvent::Start(start) => start.budget_bytes(),
+            CaptureEvent::Response(head) => head.budget_bytes(),
+            CaptureEvent::End { .. } | CaptureEvent::Abandoned { .. } => 0,
+        }
+    }
+}
+
+/// Why an event was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Every slot was taken.
+    RingFullSlots,
+    /// The byte budget was spent.
+    RingFullBytes,
+    /// The collector has stopped.
+    CollectorStopped,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [
+        DropReason::RingFullSlots,
+        DropReason::RingFullBytes,
+        DropReason::CollectorStopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::RingFullSlots => "ring_full_slots",
+            DropReason::RingFullBytes => "ring_full_bytes",
+            DropReason::CollectorStopped => "collector_stopped",
+        }
+    }
+}
+
+/// Counters of the capture path, shared by the proxy, the collector and the admin endpoints.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    pub records_written: AtomicU64,
+    pub record_write_failures: AtomicU64,
+    dropped: [AtomicU64; 3],
+}
+
+impl CaptureStats {
+    pub fn count_drop(&self, reason: DropReason) {
+        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        DropReason::ALL
+            .iter()
+            .map(|reason| self.dropped(*reason))
+            .sum()
+    }
+}
+
+/// The byte budget shared by the ring and the collector's kept prefixes.
+#[derive(Debug)]
+pub struct ByteBudget {
+    used: AtomicU64,
+    capacity: u64,
+}
+
+impl ByteBudget {
+    pub fn new(capacity: u64) -> Self {
+        Self {
+            used: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
+    /// Takes `bytes` from the budget, or returns false (taking nothing) if they do not fit.
+    pub fn try_reserve(&self, bytes: u64) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = used
+                .checked_add(bytes)
+                .filter(|next| *next <= self.capacity)
+            else {
+                return false;
+            };
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
+    /// Gives `bytes` back.
+    pub fn release(&self, bytes: u64) {
+        if bytes > 0 {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+/// The producer side of the ring, cloned into every tee.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    sender: SyncSender<CaptureEvent>,
+    budget: Arc<ByteBudget>,
+    stats: Arc<CaptureStats>,
+}
+
+/// The consumer side, owned by the collector thread.
+#[derive(Debug)]
+pub struct RingReceiver {
+    pub receiver: Receiver<CaptureEvent>,
+    pub budget: Arc<ByteBudget>,
+    pub stats: Arc<CaptureStats>,
+}
+
+/// Makes a ring of `slots` events and `capacity_bytes` body bytes.
+pub fn ring(slots: usize, capacity_bytes: u64, stats: Arc<CaptureStats>) -> (Ring, RingReceiver) {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(slots.max(1));
+    let budget = Arc::new(ByteBudget::new(capacity_bytes));
+    (
+        Ring {
+            sender,
+            budget: budget.clone(),
+            stats: stats.clone(),
+        },
+        RingReceiver {
+            receiver,
+            budget,
+            stats,
+        },
+    )
+}
+
+/// The policy in force; see the module documentation.
+pub const WHEN_FULL: WhenFull = WhenFull::DropNewest;
+
+impl Ring {
+    /// Pushes an event without waiting. Its [`CaptureEvent::budget_bytes`] are taken from the
+    /// byte budget first; on any refusal the event is dropped and counted, and false is returned.
+    pub fn push(&self, event: CaptureEvent) -> bool {
+        let WhenFull::DropNewest = WHEN_FULL;
+        let bytes = event.budget_bytes();
+        if bytes > 0 && !self.budget.try_reserve(bytes) {
+            self.stats.count_drop(DropReason::RingFullBytes);
+            return false;
+        }
+        match self.sender.try_send(event) {
+            Ok(()) => true,
+            Err(error) => {
+                self.budget.release(bytes);
+                self.stats.count_drop(match error {
+                    TrySendError::Full(_) => DropReason::RingFullSlots,
+                    TrySendError::Disconnected(_) => DropReason::CollectorStopped,
+                });
+                false
+            }
+        }
+    }
+
+    pub fn budget(&self) -> &ByteBudget {
+        &self.budget
+    }
+
+    pub fn stats(&self) -> &CaptureStats {
+        &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(bytes: usize) -> CaptureEvent {
+        CaptureEvent::Chunk {
+            exchange: 1,
+            direction: Direction::Request,
+            data: Bytes::from(vec![0u8; bytes]),
+        }
+    }
+
+    #[test]
+    fn drops_newest_when_the_byte_budget_is_spent() {
+        let stats = Arc::new(CaptureStats::default());
+        let (ring, receiver) = ring(16, 100, stats.clone());
+        assert!(ring.push(chunk(60)));
+        assert!(!ring.push(chunk(60)), "over the budget");
+        assert_eq!(stats.dropped(DropReason::RingFullBytes), 1);
+        assert_eq!(ring.budget().used(), 60);
+        assert!(matches!(
+            receiver.receiver.try_recv(),
+            Ok(CaptureEvent::Chunk { .. })
+        ));
+        receiver.budget.release(60);
+        assert!(ring.push(chunk(60)), "budget given back");
+    }
+
+    #[test]
+    fn drops_newest_when_slots_are_taken() {
+        let stats = Arc::new(CaptureStats::default());
+        let (ring, receiver) = ring(2, 1_000, stats.clone());
+        assert!(ring.push(chunk(1)));
+        assert!(ring.push(chunk(1)));
+        assert!(!ring.push(chunk(1)));
+        assert_eq!(stats.dropped(DropReason::RingFullSlots), 1);
+        assert_eq!(
+            ring.budget().used(),
+            2,
+            "a refused chunk gives its bytes back"
+        );
+        drop(receiver);
+        assert!(!ring.push(chunk(1)));
+        assert_eq!(stats.dropped(DropReason::CollectorStopped), 1);
+    }
+}
