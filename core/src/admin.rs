@@ -56,7 +56,15 @@ impl AdminState {
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness().await,
             (&Method::GET, "/capture") => self.capture_state(),
             (&Method::PUT, "/capture") => self.change_capture(request).await,
-            (&Method::GET, "/traces") => self.traces(request.uri().query()).await,
+            (&Method::GET, "/traces") => {
+                // Records hold model inputs: with a token configured, reading them needs it too.
+                if self.token.is_some() {
+                    if let Some(refusal) = self.refusal(&request) {
+                        return refusal;
+                    }
+                }
+                self.traces(request.uri().query()).await
+            }
             (_, "/healthz" | "/readyz" | "/capture" | "/traces") => json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 r#"{"error":"method_not_allowed"}"#,

@@ -409,6 +409,10 @@ fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> Vec<u8
         .unwrap_or(last_event)
         .saturating_duration_since(start.at);
     let id = uuid::Uuid::now_v7().to_string();
+    let request_end_error = match &request.end {
+        Some((BodyEnd::Error(message), _, _)) => Some(message.clone()),
+        _ => None,
+    };
     let (request_body, _) = request.capture(content_type(&start.headers));
 
     let response_end_error = match &response.end {
@@ -428,6 +432,14 @@ fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> Vec<u8
             .as_ref()
             .map(|(kind, message)| (*kind, message.clone()))
     });
+    // A client whose own body failed (it reset or went away mid-upload) cancelled the exchange,
+    // whatever the upstream then made of the cut request.
+    if let Some(message) = request_end_error {
+        if outcome != "ok" || response_cancelled {
+            outcome = "client_cancelled";
+            error = Some(("client_body_error", message));
+        }
+    }
     if outcome == "ok" {
         if let Some(message) = response_end_error {
             outcome = "upstream_error";

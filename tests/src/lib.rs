@@ -1,6 +1,7 @@
 //! End-to-end test harness for scoretap: the binary under test ([`process`]), a real hyper test
 //! upstream ([`upstream`]), a raw-socket upstream ([`raw_upstream`]), hyper clients
-//! ([`client`]), raw HTTP/1 wire helpers ([`raw`]), a test PKI ([`tls`]) and utilities.
+//! ([`client`]), raw HTTP/1 wire helpers ([`raw`]), a test PKI ([`tls`]), readers of capture
+//! trace records ([`traces`]) and utilities.
 #![allow(clippy::unwrap_used)]
 
 pub mod client;
@@ -9,6 +10,7 @@ pub mod process;
 pub mod raw;
 pub mod raw_upstream;
 pub mod tls;
+pub mod traces;
 pub mod upstream;
 pub mod util;
 

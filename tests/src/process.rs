@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::raw::try_get;
@@ -53,6 +53,7 @@ pub struct ScoretapBuilder {
     skip_listen: bool,
     skip_admin: bool,
     ready_timeout: Option<Duration>,
+    pipe_stdout: bool,
 }
 
 impl ScoretapBuilder {
@@ -90,6 +91,13 @@ impl ScoretapBuilder {
         self.ready_timeout = Some(d);
         self
     }
+    /// Connect the process's stdout to a pipe instead of a file; take its read end with
+    /// [`Scoretap::take_stdout_pipe`]. Nobody reads it until the test does, so once the pipe
+    /// buffer (~64 KiB) is full every write to stdout blocks: a stalled sink.
+    pub fn pipe_stdout(mut self) -> Self {
+        self.pipe_stdout = true;
+        self
+    }
 
     /// Start with fresh free ports for the listener and the admin listener.
     pub async fn start(self) -> Scoretap {
@@ -114,7 +122,7 @@ impl ScoretapBuilder {
             args.push(admin.to_string());
         }
         args.extend(self.args.iter().skip(usize::from(explicit_run)).cloned());
-        let mut p = Scoretap::spawn(&args, &self.envs, listen, admin);
+        let mut p = Scoretap::spawn(&args, &self.envs, listen, admin, self.pipe_stdout);
         p.wait_healthy(self.ready_timeout.unwrap_or(Duration::from_secs(20)))
             .await;
         p
@@ -130,6 +138,7 @@ pub struct Scoretap {
     pub args: Vec<String>,
     dir: TempDir,
     exit: Option<ExitStatus>,
+    stdout_pipe: Option<ChildStdout>,
 }
 
 impl Scoretap {
@@ -151,14 +160,19 @@ impl Scoretap {
         envs: &[(String, String)],
         addr: SocketAddr,
         admin: SocketAddr,
+        pipe_stdout: bool,
     ) -> Scoretap {
         let dir = TempDir::new("proc");
-        let stdout = std::fs::File::create(dir.join("stdout")).expect("stdout file");
+        let stdout = if pipe_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::from(std::fs::File::create(dir.join("stdout")).expect("stdout file"))
+        };
         let stderr = std::fs::File::create(dir.join("stderr")).expect("stderr file");
         let mut cmd = Command::new(scoretap_bin());
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
+            .stdout(stdout)
             .stderr(Stdio::from(stderr))
             .current_dir(dir.path());
         // Keep the environment free of SCORETAP_* leaking from the developer's shell.
@@ -173,9 +187,10 @@ impl Scoretap {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", scoretap_bin().display()));
+        let stdout_pipe = child.stdout.take();
         Scoretap {
             child,
             addr,
@@ -183,6 +198,7 @@ impl Scoretap {
             args: args.to_vec(),
             dir,
             exit: None,
+            stdout_pipe,
         }
     }
 
@@ -204,8 +220,14 @@ impl Scoretap {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
     }
+    /// stdout as written to its file (empty when it goes to a pipe, see
+    /// [`ScoretapBuilder::pipe_stdout`]).
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+    /// The read end of stdout when started with [`ScoretapBuilder::pipe_stdout`] (once).
+    pub fn take_stdout_pipe(&mut self) -> Option<ChildStdout> {
+        self.stdout_pipe.take()
     }
 
     fn stderr_tail(&self) -> String {
