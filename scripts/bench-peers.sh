@@ -5,7 +5,7 @@
 #
 # Usage: scripts/bench-peers.sh [seconds=10] [connections=64] [target ...]
 #   targets: direct nginx haproxy envoy envoy-tap scoretap scoretap-nocap
-#            (default: direct nginx haproxy envoy envoy-tap scoretap)
+#            (default: all of them; scoretap captures every exchange, scoretap-nocap does not)
 # Env: CARGO_TARGET_DIR (default ~/.cache/scoretap/target, as scripts/test.sh),
 #      SCORETAP_BIN (skip the release build and use this binary), SCORETAP_ARGS /
 #      SCORETAP_NOCAP_ARGS (extra flags, passed through to run.sh), PEERS_DIR (harness folder).
@@ -18,7 +18,7 @@ REPO=$PWD
 D=${1:-10}; C=${2:-64}
 shift $(( $# < 2 ? $# : 2 ))
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(direct nginx haproxy envoy envoy-tap scoretap)
+((${#TARGETS[@]})) || TARGETS=(direct nginx haproxy envoy envoy-tap scoretap-nocap scoretap)
 
 PEERS_DIR=$(cd "${PEERS_DIR:-$REPO/../shared/bench/peers}" && pwd) || {
   echo "bench-peers: harness not found (expected ../shared/bench/peers beside the repo)" >&2; exit 1; }
@@ -37,6 +37,12 @@ if [[ " ${TARGETS[*]} " == *" scoretap"* && -z ${SCORETAP_BIN:-} ]]; then
   fi
 fi
 export SCORETAP_BIN=${SCORETAP_BIN:-}
+# scoretap captures into a throw-away store (run.sh runs from the harness folder, which must stay
+# clean), on admin ports of its own; scoretap-nocap is the same binary with capture off.
+BENCH_STORE=$(mktemp -d /tmp/scoretap-bench-store.XXXXXX)
+trap 'rm -rf "$BENCH_STORE"' EXIT
+export SCORETAP_ARGS=${SCORETAP_ARGS:-"--store file://$BENCH_STORE/on --admin-listen 127.0.0.1:18095 --log-level warn"}
+export SCORETAP_NOCAP_ARGS=${SCORETAP_NOCAP_ARGS:-"--capture false --store file://$BENCH_STORE/off --admin-listen 127.0.0.1:18096 --log-level warn"}
 
 available() {
   case $1 in
@@ -78,12 +84,19 @@ for t in "${TARGETS[@]}"; do
 done
 
 rps() { awk -v t="$1" '$1 == t && $2 ~ /^[0-9.]+$/ {print $2}' "$OUT"; }
-s=$(rps scoretap); n=$(rps nginx)
-if [[ -n $s && -n $n ]]; then
-  echo "# scoretap/nginx req/s: $(awk -v s="$s" -v n="$n" 'BEGIN {printf "%.3f", s / n}')" >>"$OUT"
-else
-  echo "# scoretap/nginx req/s: n/a (scoretap ${s:-no number}, nginx ${n:-no number})" >>"$OUT"
-fi
+ratio() {  # ratio NAME A B: req/s of A over req/s of B
+  local a b
+  a=$(rps "$2"); b=$(rps "$3")
+  if [[ -n $a && -n $b ]]; then
+    echo "# $1: $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.3f", a / b}')" >>"$OUT"
+  else
+    echo "# $1: n/a ($2 ${a:-no number}, $3 ${b:-no number})" >>"$OUT"
+  fi
+}
+ratio "scoretap (capture on)/nginx req/s" scoretap nginx
+ratio "scoretap (capture off)/nginx req/s" scoretap-nocap nginx
+ratio "scoretap capture on/off req/s" scoretap scoretap-nocap
+ratio "scoretap (capture on)/envoy-tap req/s" scoretap envoy-tap
 
 cat "$OUT"
 echo "(saved to $OUT)" >&2
