@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod query;
 pub mod record;
 pub mod redaction;
+pub mod returnable;
 pub mod ring;
 pub mod server;
 pub mod sink;

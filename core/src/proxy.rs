@@ -26,6 +26,7 @@ use crate::headers::{
     accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
     ForwardingPolicy, X_REQUEST_ID,
 };
+use crate::returnable::ReturnableBody;
 use crate::tee::TeeBody;
 use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
 
@@ -97,11 +98,27 @@ impl Proxy {
             .capture
             .as_ref()
             .and_then(|capture| capture.begin(&request, &correlation_id));
-        let request_tap = exchange.as_ref().map(|exchange| exchange.request_tap());
-        let request = request.map(|body| TeeBody::new(body, request_tap));
+        let (request, returned_body) = match &exchange {
+            Some(exchange) => {
+                let tap = exchange.request_tap();
+                let (parts, body) = request.into_parts();
+                let (body, returned) = ReturnableBody::returnable(TeeBody::new(body, Some(tap)));
+                (Request::from_parts(parts, body), Some(returned))
+            }
+            None => (
+                request.map(|body| ReturnableBody::forwarded(TeeBody::new(body, None))),
+                None,
+            ),
+        };
         let result = self
             .forward(downstream, request, &correlation_id, client_version)
             .await;
+        if result.is_err() {
+            if let Some(returned) = returned_body {
+                // The upstream never read the body: read it now so the record keeps the input.
+                returned.drain().await;
+            }
+        }
         let (response, outcome, error) = match result {
             Ok(response) => (response, "ok", None),
             Err(error) => {

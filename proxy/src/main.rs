@@ -56,6 +56,11 @@ struct TracesArgs {
     status: Option<scoretap_core::query::StatusFilter>,
 }
 
+/// mimalloc: per-thread heaps suit a proxy whose buffers are allocated on the workers and freed
+/// on the collector thread (glibc's arenas contend there).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for configuration errors, as clap uses for bad flags.
 const USAGE_ERROR: u8 = 2;
 

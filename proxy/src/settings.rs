@@ -692,7 +692,10 @@ pub fn parse_upstream_url(text: &str) -> Result<Uri, String> {
     if uri.query().is_some() {
         return Err("expected a base URL without a query string".into());
     }
-    if uri.authority().is_some_and(|authority| authority.as_str().contains('@')) {
+    if uri
+        .authority()
+        .is_some_and(|authority| authority.as_str().contains('@'))
+    {
         return Err(
             "expected a URL without credentials (user:password@); clients' Authorization headers are forwarded as they are"
                 .into(),

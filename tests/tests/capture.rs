@@ -500,6 +500,13 @@ async fn capture_dead_upstream_records_502() {
     );
     assert_whole(&rec, "response", &r.body);
     assert_eq!(rec.str_at("/request/path"), Some("/score"), "{b}");
+    // The upstream never read the input; the record still has it.
+    assert_whole(&rec, "request", b"{\"x\":1}");
+    assert_eq!(
+        rec.at("/request/body/inline"),
+        &serde_json::json!({"x": 1}),
+        "the input of a failed exchange is recorded: {b}"
+    );
 }
 
 // ---------------------------------------------------------------- 6. upstream timeout
