@@ -18,6 +18,7 @@ use crate::proxy::Proxy;
 use crate::query::{query_directory, StatusFilter, TraceQuery};
 use crate::ring::DropReason;
 use crate::sink::StoreLocation;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// The largest body accepted by `PUT /capture`.
 const MAXIMUM_ADMIN_BODY: usize = 64 * 1024;
@@ -31,6 +32,7 @@ pub struct AdminState {
     draining: Arc<AtomicBool>,
     token: Option<Arc<str>>,
     store: Option<StoreLocation>,
+    prometheus: Option<PrometheusHandle>,
 }
 
 impl AdminState {
@@ -39,13 +41,37 @@ impl AdminState {
         draining: Arc<AtomicBool>,
         token: Option<String>,
         store: Option<StoreLocation>,
+        prometheus: Option<PrometheusHandle>,
     ) -> Self {
         Self {
             proxy,
             draining,
             token: token.map(Arc::from),
             store,
+            prometheus,
         }
+    }
+
+    /// The Prometheus exposition, with the capture path's counters brought up to date.
+    fn metrics(&self) -> Response<ResponseBody> {
+        let Some(handle) = &self.prometheus else {
+            return json(
+                StatusCode::NOT_FOUND,
+                r#"{"error":"not_found","message":"metrics are switched off (--metrics false)"}"#,
+            );
+        };
+        if let Some(capture) = self.proxy.capture() {
+            let budget = capture.ring().budget();
+            self.proxy
+                .metrics()
+                .observe_capture(capture.stats(), budget.used(), budget.capacity());
+        }
+        let mut response = Response::new(ResponseBody::full(Bytes::from(handle.render())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 
     async fn route(&self, request: Request<Incoming>) -> Response<ResponseBody> {
@@ -54,6 +80,7 @@ impl AdminState {
                 json(StatusCode::OK, r#"{"status":"alive"}"#)
             }
             (&Method::GET | &Method::HEAD, "/readyz") => self.readiness().await,
+            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET, "/capture") => self.capture_state(),
             (&Method::PUT, "/capture") => self.change_capture(request).await,
             (&Method::GET, "/traces") => {
@@ -65,7 +92,7 @@ impl AdminState {
                 }
                 self.traces(request.uri().query()).await
             }
-            (_, "/healthz" | "/readyz" | "/capture" | "/traces") => json(
+            (_, "/healthz" | "/readyz" | "/metrics" | "/capture" | "/traces") => json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 r#"{"error":"method_not_allowed"}"#,
             ),

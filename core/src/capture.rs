@@ -374,7 +374,11 @@ pub struct CaptureRuntime {
 
 impl CaptureRuntime {
     /// Creates the ring and the sink, and starts the collector thread.
-    pub fn start(settings: &CaptureSettings, service: &str) -> std::io::Result<Self> {
+    pub fn start(
+        settings: &CaptureSettings,
+        service: &str,
+        storage_metrics: crate::metrics::StorageMetrics,
+    ) -> std::io::Result<Self> {
         let stats = Arc::new(CaptureStats::default());
         let (ring, receiver) =
             crate::ring::ring(settings.buffer_slots, settings.buffer_bytes, stats);
@@ -398,6 +402,7 @@ impl CaptureRuntime {
                 service: service.to_owned(),
                 redaction: settings.redaction.clone(),
                 flush_interval: settings.flush_interval,
+                storage_metrics: Some(storage_metrics),
                 ..crate::collector::CollectorSettings::default()
             },
             stop.clone(),

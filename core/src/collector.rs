@@ -36,6 +36,8 @@ pub struct CollectorSettings {
     pub exchange_timeout: Duration,
     /// Most exchanges assembled at once; past it the oldest is written as incomplete.
     pub maximum_open_exchanges: usize,
+    /// The sink's dependency metrics.
+    pub storage_metrics: Option<crate::metrics::StorageMetrics>,
 }
 
 impl Default for CollectorSettings {
@@ -46,6 +48,7 @@ impl Default for CollectorSettings {
             flush_interval: Duration::from_millis(100),
             exchange_timeout: Duration::from_secs(300),
             maximum_open_exchanges: 10_000,
+            storage_metrics: None,
         }
     }
 }
@@ -269,7 +272,18 @@ impl Collector {
     }
 
     fn flush(&mut self) {
-        if let Err(error) = self.sink.flush() {
+        let started = Instant::now();
+        let result = self.sink.flush();
+        if let Some(metrics) = &self.settings.storage_metrics {
+            metrics
+                .write_duration
+                .record(started.elapsed().as_secs_f64());
+            match &result {
+                Ok(()) => metrics.write_ok.increment(1),
+                Err(_) => metrics.write_error.increment(1),
+            }
+        }
+        if let Err(error) = result {
             self.log_write_error(&error);
         }
         self.unflushed = false;
@@ -372,12 +386,15 @@ impl Collector {
             return;
         };
         let held = open.held_bytes();
-        let record = assemble_exchange(open, &self.settings);
+        let (record, outcome) = assemble_exchange(open, &self.settings);
         self.budget().release(held);
         let stats = &self.receiver.stats;
         match self.sink.write_record(&record) {
             Ok(()) => {
                 stats.records_written.fetch_add(1, Ordering::Relaxed);
+                if let Some(index) = crate::metrics::OUTCOMES.iter().position(|o| *o == outcome) {
+                    stats.records_by_outcome[index].fetch_add(1, Ordering::Relaxed);
+                }
                 self.unflushed = true;
             }
             Err(error) => {
@@ -406,8 +423,8 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Builds the record of a finished (or given-up) exchange.
-fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> Vec<u8> {
+/// Builds the record of a finished (or given-up) exchange; returns it with its outcome.
+fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> (Vec<u8>, &'static str) {
     let OpenExchange {
         start,
         request,
@@ -503,5 +520,8 @@ fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> Vec<u8
         },
         response: response_part,
     };
-    assemble(&input, &settings.redaction, MAXIMUM_RECORD_BYTES)
+    (
+        assemble(&input, &settings.redaction, MAXIMUM_RECORD_BYTES),
+        outcome,
+    )
 }

@@ -15,7 +15,8 @@
 //! - [`collector`]: the thread that assembles exchanges into records;
 //! - [`record`], [`redaction`]: the `scoretap.trace/1` record, cut to 64 KB, with secrets removed;
 //! - [`sink`]: stdout and rotating local files;
-//! - [`query`]: reading records back.
+//! - [`query`]: reading records back;
+//! - [`metrics`]: every exported metric, defined once.
 
 pub mod admin;
 pub mod body;
@@ -23,6 +24,7 @@ pub mod capture;
 pub mod collector;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod proxy;
 pub mod query;
 pub mod record;

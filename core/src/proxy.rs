@@ -26,8 +26,9 @@ use crate::headers::{
     accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
     ForwardingPolicy, X_REQUEST_ID,
 };
+use crate::metrics::{Metrics, UpstreamResult};
 use crate::returnable::ReturnableBody;
-use crate::tee::TeeBody;
+use crate::tee::{BodyMeter, TeeBody};
 use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
 
 /// The body of every response scoretap sends: the answer, teed to capture.
@@ -50,6 +51,7 @@ pub struct Proxy {
     upstream: Upstream,
     settings: ProxySettings,
     capture: Option<Capture>,
+    metrics: Arc<Metrics>,
 }
 
 /// What phase 1 learned about a request that phase 2 needs.
@@ -62,12 +64,22 @@ struct CheckedRequest {
 }
 
 impl Proxy {
-    pub fn new(upstream: Upstream, settings: ProxySettings, capture: Option<Capture>) -> Self {
+    pub fn new(
+        upstream: Upstream,
+        settings: ProxySettings,
+        capture: Option<Capture>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             upstream,
             settings,
             capture,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn capture(&self) -> Option<&Capture> {
@@ -98,15 +110,18 @@ impl Proxy {
             .capture
             .as_ref()
             .and_then(|capture| capture.begin(&request, &correlation_id));
+        let request_meter = Some(BodyMeter::request(self.metrics.clone()));
         let (request, returned_body) = match &exchange {
             Some(exchange) => {
                 let tap = exchange.request_tap();
                 let (parts, body) = request.into_parts();
-                let (body, returned) = ReturnableBody::returnable(TeeBody::new(body, Some(tap)));
+                let (body, returned) =
+                    ReturnableBody::returnable(TeeBody::new(body, Some(tap), request_meter));
                 (Request::from_parts(parts, body), Some(returned))
             }
             None => (
-                request.map(|body| ReturnableBody::forwarded(TeeBody::new(body, None))),
+                request
+                    .map(|body| ReturnableBody::forwarded(TeeBody::new(body, None, request_meter))),
                 None,
             ),
         };
@@ -122,6 +137,7 @@ impl Proxy {
         let (response, outcome, error) = match result {
             Ok(response) => (response, "ok", None),
             Err(error) => {
+                self.metrics.proxy_error(error.kind());
                 tracing::warn!(
                     correlation_id = correlation_id.to_str().unwrap_or_default(),
                     origin = ?error.origin(),
@@ -138,7 +154,9 @@ impl Proxy {
         };
         self.finish(&method, &response, &correlation_id, started);
         let response_tap = exchange.map(|exchange| exchange.respond(&response, outcome, error));
-        response.map(|body| TeeBody::new(body, response_tap))
+        let response_meter =
+            BodyMeter::response(self.metrics.clone(), &method, response.status(), started);
+        response.map(|body| TeeBody::new(body, response_tap, Some(response_meter)))
     }
 
     async fn forward(
@@ -156,7 +174,20 @@ impl Proxy {
             checked.client_host,
             checked.upgrade.is_some(),
         )?;
-        let response = self.upstream.send(upstream_request).await?;
+        let sent = Instant::now();
+        let result = self.upstream.send(upstream_request).await;
+        self.metrics.upstream_finished(
+            match &result {
+                Ok(_) => UpstreamResult::Ok,
+                Err(ProxyError::UpstreamConnect(_)) => UpstreamResult::ConnectError,
+                Err(ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_)) => {
+                    UpstreamResult::Timeout
+                }
+                Err(_) => UpstreamResult::Error,
+            },
+            sent.elapsed().as_secs_f64(),
+        );
+        let response = result?;
         self.downstream_response(response, correlation_id, client_version, checked.upgrade)
     }
 

@@ -175,6 +175,8 @@ impl DropReason {
 pub struct CaptureStats {
     pub records_written: AtomicU64,
     pub record_write_failures: AtomicU64,
+    /// Records written, by outcome, in the order of [`crate::metrics::OUTCOMES`].
+    pub records_by_outcome: [AtomicU64; 5],
     dropped: [AtomicU64; 3],
 }
 

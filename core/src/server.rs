@@ -17,9 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::admin::AdminState;
 use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
 use crate::headers::Downstream;
+use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{ReloadableServerConfig, ServerCertificateFiles, TlsError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// How long a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +44,8 @@ pub struct ServerSettings {
     pub capture: Option<CaptureSettings>,
     /// Bearer token for the admin's mutating endpoints (`PUT /capture`); `None` refuses them.
     pub admin_token: Option<String>,
+    /// Export Prometheus metrics at the admin's `GET /metrics`.
+    pub metrics: bool,
 }
 
 /// How long the collector may take to write what it holds when scoretap stops.
@@ -61,6 +65,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot start capture: {0}")]
     Capture(std::io::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(String),
 }
 
 /// The listeners, bound and ready to run.
@@ -77,7 +83,11 @@ pub struct BoundServer {
     collector: Option<CollectorStopper>,
     admin_token: Option<String>,
     store: Option<crate::sink::StoreLocation>,
+    prometheus: Option<PrometheusHandle>,
 }
+
+/// How often histogram upkeep runs, so their memory stays bounded between scrapes.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let listener = TcpListener::bind(address)
@@ -99,10 +109,20 @@ impl BoundServer {
         };
         let (proxy_listener, proxy_address) = bind(settings.listen).await?;
         let (admin_listener, admin_address) = bind(settings.admin_listen).await?;
+        let (metrics, prometheus) = if settings.metrics {
+            let (metrics, handle) = Metrics::prometheus().map_err(StartError::Metrics)?;
+            (metrics, Some(handle))
+        } else {
+            (Metrics::disabled(), None)
+        };
         let (capture, collector) = match &settings.capture {
             Some(capture) => {
-                let runtime = CaptureRuntime::start(capture, &settings.proxy.service)
-                    .map_err(StartError::Capture)?;
+                let runtime = CaptureRuntime::start(
+                    capture,
+                    &settings.proxy.service,
+                    metrics.file_storage.clone(),
+                )
+                .map_err(StartError::Capture)?;
                 let (capture, collector) = runtime.into_parts();
                 (Some(capture), Some(collector))
             }
@@ -118,12 +138,13 @@ impl BoundServer {
             proxy_address,
             admin_address,
             tls,
-            proxy: Arc::new(Proxy::new(upstream, settings.proxy, capture)),
+            proxy: Arc::new(Proxy::new(upstream, settings.proxy, capture, metrics)),
             drain_timeout: settings.drain_timeout,
             draining: Arc::new(AtomicBool::new(false)),
             collector,
             admin_token: settings.admin_token,
             store,
+            prometheus,
         })
     }
 
@@ -145,8 +166,18 @@ impl BoundServer {
             self.draining.clone(),
             self.admin_token.clone(),
             self.store.clone(),
+            self.prometheus.clone(),
         );
         let admin_task = tokio::spawn(crate::admin::serve(self.admin_listener, admin));
+        let upkeep_task = self.prometheus.clone().map(|handle| {
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+                loop {
+                    interval.tick().await;
+                    handle.run_upkeep();
+                }
+            })
+        });
         let reload_task = self
             .tls
             .clone()
@@ -194,7 +225,7 @@ impl BoundServer {
             collector.stop(COLLECTOR_STOP_DEADLINE).await;
         }
         admin_task.abort();
-        if let Some(task) = reload_task {
+        for task in [reload_task, upkeep_task].into_iter().flatten() {
             task.abort();
         }
         tracing::info!("stopped");

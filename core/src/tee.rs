@@ -14,6 +14,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use std::sync::Arc;
+
+use http::StatusCode;
+
+use crate::metrics::{method_index, Metrics};
 use crate::ring::{BodyEnd, CaptureEvent, Direction, ExchangeId, Ring};
 
 /// The capturing side of a tee: where the frames go, and what has been seen.
@@ -99,26 +104,107 @@ impl Drop for BodyTap {
     }
 }
 
+/// Measures one body for the metrics: its size, and for a response the exchange's end. Reports
+/// once, at the body's end or when it is dropped (a cancelled exchange still counts).
+#[derive(Debug)]
+pub struct BodyMeter {
+    metrics: Arc<Metrics>,
+    size: u64,
+    measured: Measured,
+    reported: bool,
+}
+
+#[derive(Debug)]
+enum Measured {
+    Request,
+    Response {
+        method: usize,
+        status: StatusCode,
+        started: Instant,
+    },
+}
+
+impl BodyMeter {
+    /// Measures a request body.
+    pub fn request(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            size: 0,
+            measured: Measured::Request,
+            reported: false,
+        }
+    }
+
+    /// Measures a response body and, at its end, the whole exchange.
+    pub fn response(
+        metrics: Arc<Metrics>,
+        method: &http::Method,
+        status: StatusCode,
+        started: Instant,
+    ) -> Self {
+        Self {
+            metrics,
+            size: 0,
+            measured: Measured::Response {
+                method: method_index(method),
+                status,
+                started,
+            },
+            reported: false,
+        }
+    }
+
+    fn report(&mut self) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        match &self.measured {
+            Measured::Request => self.metrics.request_body(self.size),
+            Measured::Response {
+                method,
+                status,
+                started,
+            } => {
+                self.metrics.response_body(self.size);
+                self.metrics
+                    .exchange_finished(*method, *status, started.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+impl Drop for BodyMeter {
+    fn drop(&mut self) {
+        self.report();
+    }
+}
+
 pin_project! {
-    /// A body that forwards `inner` and, when `tap` is set, tees it to capture.
+    /// A body that forwards `inner`, measures it when `meter` is set, and tees it to capture
+    /// when `tap` is set.
     #[derive(Debug)]
     pub struct TeeBody<B> {
         #[pin]
         inner: B,
         tap: Option<BodyTap>,
+        meter: Option<BodyMeter>,
     }
 }
 
 impl<B: Body> TeeBody<B> {
-    /// Forwards `inner`, capturing it when `tap` is given. A body that is empty from the start
-    /// (hyper will never poll it) is reported complete at once.
-    pub fn new(inner: B, mut tap: Option<BodyTap>) -> Self {
+    /// Forwards `inner`, capturing it when `tap` is given and measuring it when `meter` is. A
+    /// body that is empty from the start (hyper will never poll it) is reported complete at once.
+    pub fn new(inner: B, mut tap: Option<BodyTap>, mut meter: Option<BodyMeter>) -> Self {
         if inner.is_end_stream() {
             if let Some(tap) = tap.as_mut() {
                 tap.finish(BodyEnd::Complete);
             }
+            if let Some(meter) = meter.as_mut() {
+                meter.report();
+            }
         }
-        Self { inner, tap }
+        Self { inner, tap, meter }
     }
 }
 
@@ -137,23 +223,39 @@ where
         let this = self.project();
         let mut inner = this.inner;
         let polled = inner.as_mut().poll_frame(context);
-        let Some(tap) = this.tap.as_mut() else {
+        if this.tap.is_none() && this.meter.is_none() {
             return polled;
-        };
-        match &polled {
-            Poll::Pending => {}
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    tap.on_data(data);
-                    if inner.is_end_stream() {
-                        tap.finish(BodyEnd::Complete);
+        }
+        let ended = match &polled {
+            Poll::Pending => false,
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) => {
+                    if let Some(meter) = this.meter.as_mut() {
+                        meter.size += data.len() as u64;
                     }
-                } else if let Some(trailers) = frame.trailers_ref() {
-                    tap.finish(BodyEnd::Trailers(trailers.clone()));
+                    if let Some(tap) = this.tap.as_mut() {
+                        tap.on_data(data);
+                    }
+                    inner.is_end_stream()
                 }
+                None => frame.is_trailers(),
+            },
+            Poll::Ready(Some(Err(_)) | None) => true,
+        };
+        if ended {
+            if let Some(meter) = this.meter.as_mut() {
+                meter.report();
             }
-            Poll::Ready(Some(Err(error))) => tap.finish(BodyEnd::Error(error.to_string())),
-            Poll::Ready(None) => tap.finish(BodyEnd::Complete),
+            if let Some(tap) = this.tap.as_mut() {
+                tap.finish(match &polled {
+                    Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
+                        Some(trailers) => BodyEnd::Trailers(trailers.clone()),
+                        None => BodyEnd::Complete,
+                    },
+                    Poll::Ready(Some(Err(error))) => BodyEnd::Error(error.to_string()),
+                    _ => BodyEnd::Complete,
+                });
+            }
         }
         polled
     }

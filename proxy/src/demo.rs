@@ -232,6 +232,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             flush_interval: Duration::from_millis(50),
         }),
         admin_token: None,
+        metrics: true,
     })
     .await?;
     let proxy_address = server.proxy_address();
@@ -302,6 +303,22 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         .status();
     println!();
     println!("readyz: {} (the upstream is reachable)", ready.as_u16());
+    let exposition = admin
+        .get(format!("http://{admin_address}/metrics").parse()?)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    let exposition = String::from_utf8_lossy(&exposition);
+    println!("metrics (GET /metrics, Prometheus text format), a few lines:");
+    for line in exposition.lines().filter(|line| {
+        line.starts_with("scoretap_requests_total") && !line.ends_with(" 0")
+            || line.starts_with("scoretap_request_duration_seconds_count")
+            || line.starts_with("scoretap_upstream_requests_total{result=\"ok\"}")
+    }) {
+        println!("  {line}");
+    }
     let records = wait_for_records(&args.store, &correlation_ids).await;
     println!();
     match &records {
@@ -336,6 +353,9 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         args.store.url()
     );
     println!("  - every response carries x-request-id; scoretap forwards it to the model too");
+    println!(
+        "  - Prometheus metrics: GET /metrics on the admin port (deploy/grafana has a dashboard)"
+    );
     println!("  - scoretap logs to stderr (--log-format json for structured logs)");
     println!("  - run `scoretap demo --serve` to keep it up and send your own requests:");
     println!(

@@ -142,6 +142,9 @@ pub struct RunArgs {
     /// Start a new trace file past this size [default: 64MiB]
     #[arg(long, env = "SCORETAP_TRACE_FILE_BYTES", value_name = "SIZE", value_parser = parse_size)]
     pub trace_file_bytes: Option<u64>,
+    /// Export Prometheus metrics at the admin's /metrics [default: true]
+    #[arg(long, env = "SCORETAP_METRICS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub metrics: Option<bool>,
     /// TOML file with the same keys as these flags (kebab-case, e.g. upstream-timeout = "2s")
     #[arg(long, env = "SCORETAP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -222,6 +225,7 @@ struct FileSettings {
     admin_token: Option<String>,
     instance: Option<String>,
     trace_file_bytes: Option<FileSize>,
+    metrics: Option<bool>,
 }
 
 /// A size in the config file: a number of bytes, or text such as "64MiB".
@@ -284,6 +288,7 @@ pub struct RunSettings {
     pub admin_token: Option<String>,
     pub instance: String,
     pub trace_file_bytes: u64,
+    pub metrics: bool,
     #[serde(skip)]
     trusted_networks: Vec<IpNet>,
     #[serde(skip)]
@@ -470,6 +475,7 @@ impl RunArgs {
         self.trace_file_bytes = self
             .trace_file_bytes
             .or(size("trace-file-bytes", file.trace_file_bytes)?);
+        self.metrics = self.metrics.or(file.metrics);
         Ok(self)
     }
 
@@ -583,6 +589,7 @@ impl RunArgs {
             admin_token: args.admin_token,
             instance: args.instance.unwrap_or_else(default_instance),
             trace_file_bytes: args.trace_file_bytes.unwrap_or(64 << 20),
+            metrics: args.metrics.unwrap_or(true),
             trusted_networks,
             redaction,
         })
@@ -651,6 +658,7 @@ impl RunSettings {
                 flush_interval: Duration::from_millis(100),
             }),
             admin_token: self.admin_token.clone(),
+            metrics: self.metrics,
         }
     }
 }
