@@ -1,12 +1,15 @@
 //! End-to-end test harness for scoretap: the binary under test ([`process`]), a real hyper test
 //! upstream ([`upstream`]), a raw-socket upstream ([`raw_upstream`]), hyper clients
 //! ([`client`]), raw HTTP/1 wire helpers ([`raw`]), a test PKI ([`tls`]), readers of capture
-//! trace records ([`traces`]) and utilities.
+//! trace records ([`traces`]), a `/metrics` parser ([`metrics`]), a real Prometheus
+//! ([`prometheus`]) and utilities.
 #![allow(clippy::unwrap_used)]
 
 pub mod client;
 pub mod harness;
+pub mod metrics;
 pub mod process;
+pub mod prometheus;
 pub mod raw;
 pub mod raw_upstream;
 pub mod tls;
