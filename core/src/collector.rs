@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use crate::record::{
-    assemble, BodyCapture, RecordInput, RequestPart, ResponsePart, MAXIMUM_RECORD_BYTES,
+    assemble_into, BodyCapture, RecordInput, RequestPart, ResponsePart, MAXIMUM_RECORD_BYTES,
 };
 use crate::redaction::Redaction;
 use crate::ring::{
@@ -182,6 +182,8 @@ struct Collector {
     sink: Box<dyn TraceSink>,
     settings: CollectorSettings,
     open: HashMap<ExchangeId, OpenExchange>,
+    /// The record being written, reused from one record to the next.
+    record: Vec<u8>,
     unflushed: bool,
     last_flush: Instant,
     last_sweep: Instant,
@@ -195,6 +197,7 @@ impl Collector {
             sink,
             settings,
             open: HashMap::new(),
+            record: Vec::with_capacity(MAXIMUM_RECORD_BYTES),
             unflushed: false,
             last_flush: Instant::now(),
             last_sweep: Instant::now(),
@@ -386,10 +389,13 @@ impl Collector {
             return;
         };
         let held = open.held_bytes();
-        let (record, outcome) = assemble_exchange(open, &self.settings);
+        let mut record = std::mem::take(&mut self.record);
+        let outcome = assemble_exchange(open, &self.settings, &mut record);
         self.budget().release(held);
+        let written = self.sink.write_record(&record);
+        self.record = record;
         let stats = &self.receiver.stats;
-        match self.sink.write_record(&record) {
+        match written {
             Ok(()) => {
                 stats.records_written.fetch_add(1, Ordering::Relaxed);
                 if let Some(index) = crate::metrics::OUTCOMES.iter().position(|o| *o == outcome) {
@@ -423,8 +429,12 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Builds the record of a finished (or given-up) exchange; returns it with its outcome.
-fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> (Vec<u8>, &'static str) {
+/// Writes the record of a finished (or given-up) exchange into `record`; returns its outcome.
+fn assemble_exchange(
+    open: OpenExchange,
+    settings: &CollectorSettings,
+    record: &mut Vec<u8>,
+) -> &'static str {
     let OpenExchange {
         start,
         request,
@@ -520,8 +530,6 @@ fn assemble_exchange(open: OpenExchange, settings: &CollectorSettings) -> (Vec<u
         },
         response: response_part,
     };
-    (
-        assemble(&input, &settings.redaction, MAXIMUM_RECORD_BYTES),
-        outcome,
-    )
+    assemble_into(&input, &settings.redaction, MAXIMUM_RECORD_BYTES, record);
+    outcome
 }

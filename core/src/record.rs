@@ -3,27 +3,39 @@
 //! headers, with secrets redacted.
 //!
 //! How a record is fitted, in [`assemble`]:
-//! 1. each body is prepared once: parsed as JSON when the whole body is there (then redacted by
+//! 1. each body is prepared once: checked as JSON when the whole body is there (then redacted by
 //!    path), else taken as UTF-8 text, else kept as bytes for base64; text and bytes go through
 //!    the redaction's text fallback whenever JSON paths are configured, whatever the content
 //!    type (it only touches values that follow a configured `"key":`);
-//! 2. the record is measured without headers and with empty inline bodies; headers get what is
-//!    left after reserving up to half of it for the bodies. Headers that do not fit have their
+//! 2. the record with every header and both bodies whole is written: when it fits, as it most
+//!    often does, that is the record. It is not even written when its headers and bodies alone
+//!    are over the limit;
+//! 3. else the record is measured without headers and with empty inline bodies; headers get what
+//!    is left after reserving up to half of it for the bodies. Headers that do not fit have their
 //!    values longer than 1 KiB cut (`…[cut]` appended), and if that is not enough, each header
 //!    map gets a fair share and the headers past it are dropped (`headers_truncated: true`, or
 //!    `trailers_truncated: true`, on that part);
-//! 3. the record is measured again with its headers and empty inline bodies; what remains is the
+//! 4. the record is measured again with its headers and empty inline bodies; what remains is the
 //!    bodies' budget: both whole when they fit, else each up to half and any unused share to the
 //!    other. Sizes are counted exactly (JSON escaping included), and the final serialization is
 //!    checked anyway: when over, the bodies' budgets shrink and the record is rebuilt, ending with
 //!    empty inline bodies, which the measurement showed to fit;
-//! 4. when even that skeleton does not fit, headers are dropped, then the record's own strings
+//! 5. when even that skeleton does not fit, headers are dropped, then the record's own strings
 //!    (path, query, error message, ...) are cut (`record_truncated: true`), then a minimal
 //!    `{"schema","id","record_truncated"}` object, then `{}`, then nothing: the limit always holds.
 //!
+//! Records are written by hand into one buffer (see [`assemble_into`]), byte for byte as
+//! serde_json would serialize the same fields (same escapes, same number formatting): nothing is
+//! built only to be serialized, and a JSON body is copied in as text. Measuring is writing into
+//! that buffer too.
+//!
 //! Body encodings:
-//! - `json`: the whole body was captured and parsed; `inline` is the redacted value, compactly
-//!   re-serialized (serde_json orders object keys and re-prints numbers);
+//! - `json`: the whole body was captured and is JSON, exactly as `serde_json::Value` accepts it,
+//!   nested at most 124 levels (the record, 3 levels more, stays within serde_json's 127);
+//!   `inline` is the body as sent, without its insignificant whitespace (object keys in their
+//!   order, numbers and escapes as written). When the body has a key named like the last field
+//!   of a configured JSON path, it is instead parsed, redacted and re-serialized compactly
+//!   (serde_json then orders object keys and re-prints numbers);
 //! - `utf8`: `inline` is a string, the body (or a prefix of it) cut on a character boundary. An
 //!   incomplete character at the end of a cut capture is dropped. A body that parsed as JSON but
 //!   did not fit is recorded this way too, from its original text. An empty body is `utf8` with
@@ -36,14 +48,13 @@
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
-use std::io;
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use http::{HeaderMap, StatusCode};
-use serde::ser::{SerializeMap, Serializer};
-use serde::Serialize;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::redaction::{Redaction, REDACTED};
@@ -65,6 +76,8 @@ const BODY_FIT_ATTEMPTS: usize = 3;
 const FIELD_LIMITS: [usize; 3] = [256, 32, 0];
 /// The length identity fields (`id`, `correlation_id`, ...) are never cut below.
 const MINIMAL_ID_BYTES: usize = 64;
+/// About the size of a record without its headers and inline bodies, to size its buffer once.
+const SKELETON_ESTIMATE_BYTES: usize = 1024;
 
 /// What capture knows about one body when its exchange is recorded.
 #[derive(Debug, Clone, Default)]
@@ -131,16 +144,33 @@ pub struct RecordInput<'a> {
 /// until the record fits (see the module documentation); below about 100 bytes only a minimal
 /// object fits, below 2 bytes nothing does and the result is empty.
 pub fn assemble(input: &RecordInput<'_>, redaction: &Redaction, maximum_bytes: usize) -> Vec<u8> {
+    let mut record = Vec::new();
+    assemble_into(input, redaction, maximum_bytes, &mut record);
+    record
+}
+
+/// [`assemble`] into `record`, which is cleared first: a caller writing records one after the
+/// other can keep one buffer and spare an allocation per record. The buffer also serves as
+/// scratch space while the record is measured.
+pub fn assemble_into(
+    input: &RecordInput<'_>,
+    redaction: &Redaction,
+    maximum_bytes: usize,
+    record: &mut Vec<u8>,
+) {
+    record.clear();
     let assembly = Assembly::new(input, redaction);
-    assembly
-        .fit(maximum_bytes)
-        .unwrap_or_else(|| minimal_record(input.id, maximum_bytes))
+    if !assembly.fit(maximum_bytes, record) {
+        write_minimal_record(input.id, maximum_bytes, record);
+    }
 }
 
 /// An exchange prepared once, from which records of decreasing size are built and measured.
 struct Assembly<'i> {
     input: &'i RecordInput<'i>,
     started_at: String,
+    /// `duration_ms` as JSON text.
+    duration_ms: String,
     request_body: PreparedBody<'i>,
     /// `Some` exactly when the exchange has a response.
     response_body: Option<PreparedBody<'i>>,
@@ -156,6 +186,7 @@ impl<'i> Assembly<'i> {
         Self {
             input,
             started_at: format_started_at(input.started_at),
+            duration_ms: json_float(input.duration_ms),
             request_body: PreparedBody::new(input.request.body, redaction),
             response_body: response.map(|response| PreparedBody::new(response.body, redaction)),
             request_headers: RecordedHeaders::new(input.request.headers, redaction),
@@ -168,35 +199,84 @@ impl<'i> Assembly<'i> {
         }
     }
 
-    /// The record at the first shrink level that fits, if any.
-    fn fit(mut self, maximum: usize) -> Option<Vec<u8>> {
-        if let Some(record) = self.fit_with_headers(maximum) {
-            return Some(record);
+    /// Writes into `out` the record at the first shrink level that fits; `false` (and `out`
+    /// empty) when none does.
+    fn fit(mut self, maximum: usize, out: &mut Vec<u8>) -> bool {
+        out.reserve(self.size_estimate().min(maximum));
+        if self.fit_whole(maximum, out) || self.fit_with_headers(maximum, out) {
+            return true;
         }
         let field_limits = [None].into_iter().chain(FIELD_LIMITS.map(Some));
         for field_limit in field_limits {
             let headers = self.header_choices(HeaderState::Dropped);
-            if let Some(record) = self.fit_bodies(headers, FieldCut(field_limit), maximum) {
-                return Some(record);
+            if self.fit_bodies(headers, FieldCut(field_limit), maximum, out) {
+                return true;
             }
         }
-        None
+        false
     }
 
-    /// Level 0: every field whole, headers fitted into what the bodies leave them.
-    fn fit_with_headers(&mut self, maximum: usize) -> Option<Vec<u8>> {
-        let without_headers = serialize(&self.view(
-            self.header_choices(HeaderState::Empty),
+    /// The common case first: the record with every header and both bodies whole, written once
+    /// and kept if it fits. Not even written when its headers and bodies alone are too big.
+    fn fit_whole(&self, maximum: usize, out: &mut Vec<u8>) -> bool {
+        if self.headers_and_bodies_size() > maximum {
+            return false;
+        }
+        out.clear();
+        self.view(
+            self.header_choices(HeaderState::AsFitted),
             FieldCut(None),
-            self.request_body.placeholder(),
-            self.response_body.as_ref().map(PreparedBody::placeholder),
-        ))?;
-        let available = maximum.checked_sub(without_headers.len())?;
-        let bodies_desired = self.request_body.desired_extra().saturating_add(
+            self.request_body.render(usize::MAX),
+            self.response_body
+                .as_ref()
+                .map(|body| body.render(usize::MAX)),
+        )
+        .write(out);
+        if out.len() <= maximum {
+            return true;
+        }
+        out.clear();
+        false
+    }
+
+    /// About the size of the whole record, to allocate its buffer once.
+    fn size_estimate(&self) -> usize {
+        SKELETON_ESTIMATE_BYTES.saturating_add(self.headers_and_bodies_size())
+    }
+
+    /// What the headers and both bodies whole take in the record, about.
+    fn headers_and_bodies_size(&self) -> usize {
+        [&self.request_headers, &self.response_headers]
+            .into_iter()
+            .chain(self.trailers.as_ref())
+            .map(RecordedHeaders::content_size)
+            .fold(self.bodies_desired_extra(), usize::saturating_add)
+    }
+
+    /// What both bodies would take whole, beyond empty inline strings.
+    fn bodies_desired_extra(&self) -> usize {
+        self.request_body.desired_extra().saturating_add(
             self.response_body
                 .as_ref()
                 .map_or(0, PreparedBody::desired_extra),
+        )
+    }
+
+    /// Level 0: every field whole, headers fitted into what the bodies leave them.
+    fn fit_with_headers(&mut self, maximum: usize, out: &mut Vec<u8>) -> bool {
+        let without_headers = measure(
+            &self.view(
+                self.header_choices(HeaderState::Empty),
+                FieldCut(None),
+                self.request_body.placeholder(),
+                self.response_body.as_ref().map(PreparedBody::placeholder),
+            ),
+            out,
         );
+        let Some(available) = maximum.checked_sub(without_headers) else {
+            return false;
+        };
+        let bodies_desired = self.bodies_desired_extra();
         let header_budget = available - bodies_desired.min(available / 2);
         let mut lists: Vec<&mut RecordedHeaders<'_>> =
             vec![&mut self.request_headers, &mut self.response_headers];
@@ -206,49 +286,64 @@ impl<'i> Assembly<'i> {
             self.header_choices(HeaderState::AsFitted),
             FieldCut(None),
             maximum,
+            out,
         )
     }
 
     /// Measures the record with empty inline bodies, shares what remains between the bodies,
-    /// and builds the record, shrinking the bodies until it fits. `None` when even empty inline
-    /// bodies do not fit.
+    /// and writes the record into `out`, shrinking the bodies until it fits. `false` (and `out`
+    /// empty) when even empty inline bodies do not fit.
     fn fit_bodies(
         &self,
         headers: HeaderChoices<'_>,
         fields: FieldCut,
         maximum: usize,
-    ) -> Option<Vec<u8>> {
+        out: &mut Vec<u8>,
+    ) -> bool {
         let response_body = self.response_body.as_ref();
-        let skeleton = serialize(&self.view(
-            headers,
-            fields,
-            self.request_body.placeholder(),
-            response_body.map(PreparedBody::placeholder),
-        ))?;
-        let remaining = maximum.checked_sub(skeleton.len())?;
+        let skeleton = measure(
+            &self.view(
+                headers,
+                fields,
+                self.request_body.placeholder(),
+                response_body.map(PreparedBody::placeholder),
+            ),
+            out,
+        );
+        let Some(remaining) = maximum.checked_sub(skeleton) else {
+            return false;
+        };
         let (mut request_extra, mut response_extra) = split_body_budget(
             remaining,
             self.request_body.desired_extra(),
             response_body.map(PreparedBody::desired_extra),
+        );
+        out.reserve(
+            skeleton
+                .saturating_add(request_extra)
+                .saturating_add(response_extra),
         );
         // Sizes are counted exactly, so the first attempt fits; the others are a safety net.
         for attempt in 0..=BODY_FIT_ATTEMPTS {
             if attempt == BODY_FIT_ATTEMPTS {
                 (request_extra, response_extra) = (0, 0);
             }
-            let record = serialize(&self.view(
+            out.clear();
+            self.view(
                 headers,
                 fields,
                 self.request_body.render(request_extra),
                 response_body.map(|body| body.render(response_extra)),
-            ))?;
-            let Some(overshoot) = record.len().checked_sub(maximum).filter(|over| *over > 0) else {
-                return Some(record);
+            )
+            .write(out);
+            let Some(overshoot) = out.len().checked_sub(maximum).filter(|over| *over > 0) else {
+                return true;
             };
             request_extra = request_extra.saturating_sub(overshoot) / (attempt + 1);
             response_extra = response_extra.saturating_sub(overshoot) / (attempt + 1);
         }
-        None
+        out.clear();
+        false
     }
 
     fn header_choices<'v>(&'v self, state: HeaderState) -> HeaderChoices<'v> {
@@ -270,7 +365,7 @@ impl<'i> Assembly<'i> {
         }
     }
 
-    /// The record as it will be serialized.
+    /// The record as it will be written.
     fn view<'v>(
         &'v self,
         headers: HeaderChoices<'v>,
@@ -301,7 +396,7 @@ impl<'i> Assembly<'i> {
             correlation_id: fields.cut_identity(input.correlation_id),
             service: fields.cut_identity(input.service),
             started_at: &self.started_at,
-            duration_ms: input.duration_ms,
+            duration_ms: &self.duration_ms,
             outcome: fields.cut_identity(input.outcome),
             error: input.error.map(|(kind, message)| ErrorView {
                 kind: fields.cut(kind),
@@ -322,28 +417,28 @@ impl<'i> Assembly<'i> {
     }
 }
 
-/// Serializes a record view; `None` only if serde_json refuses it, which these types never cause.
-fn serialize(view: &RecordView<'_>) -> Option<Vec<u8>> {
-    serde_json::to_vec(view).ok()
+/// The length of a view once written; `out` serves as scratch space and is left empty.
+fn measure(view: &RecordView<'_>, out: &mut Vec<u8>) -> usize {
+    out.clear();
+    view.write(out);
+    let length = out.len();
+    out.clear();
+    length
 }
 
 /// The last resort: `{"schema","id","record_truncated":true}`, else `{}`, else nothing.
-fn minimal_record(id: &str, maximum: usize) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct MinimalRecord<'a> {
-        schema: &'static str,
-        id: Cow<'a, str>,
-        record_truncated: bool,
-    }
-    let minimal = MinimalRecord {
-        schema: SCHEMA,
-        id: FieldCut(Some(MINIMAL_ID_BYTES)).cut(id),
-        record_truncated: true,
-    };
-    match serde_json::to_vec(&minimal) {
-        Ok(record) if record.len() <= maximum => record,
-        _ if maximum >= 2 => b"{}".to_vec(),
-        _ => Vec::new(),
+fn write_minimal_record(id: &str, maximum: usize, out: &mut Vec<u8>) {
+    out.clear();
+    let mut record = ObjectWriter::open(out);
+    record.string("schema", SCHEMA);
+    record.string("id", &FieldCut(Some(MINIMAL_ID_BYTES)).cut(id));
+    record.boolean("record_truncated", true);
+    record.close();
+    if out.len() > maximum {
+        out.clear();
+        if maximum >= 2 {
+            out.extend_from_slice(b"{}");
+        }
     }
 }
 
@@ -382,15 +477,22 @@ fn format_started_at(started_at: SystemTime) -> String {
     humantime::format_rfc3339_micros(clamped).to_string()
 }
 
+/// Lowercase hexadecimal digits.
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// Lowercase hexadecimal.
 fn lowercase_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
-        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+        hex.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
     }
     hex
+}
+
+/// Whether serde_json escapes this byte inside a string.
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
 }
 
 /// How many bytes serde_json writes for this byte of a string's content.
@@ -407,10 +509,20 @@ const ESCAPE_CHUNK_BYTES: usize = 64;
 
 /// How many bytes serde_json writes for this string's content (without the quotes).
 fn escaped_len(text: &str) -> usize {
-    text.as_bytes()
+    let bytes = text.as_bytes();
+    if is_short_and_plain(bytes) {
+        return bytes.len();
+    }
+    bytes
         .chunks(ESCAPE_CHUNK_BYTES)
         .map(escaped_chunk_len)
         .sum()
+}
+
+/// Whether `bytes`, shorter than a chunk, have nothing to escape: a quicker check than
+/// measuring a chunk for most of a record's strings (names, values of headers, ...).
+fn is_short_and_plain(bytes: &[u8]) -> bool {
+    bytes.len() < ESCAPE_CHUNK_BYTES && find_escaped_byte(bytes).is_none()
 }
 
 /// [`escaped_len`] of at most [`ESCAPE_CHUNK_BYTES`] bytes.
@@ -418,7 +530,7 @@ fn escaped_chunk_len(chunk: &[u8]) -> usize {
     let mut escaped = 0_u8;
     let mut long_escapes = 0_u8;
     for &byte in chunk {
-        escaped += u8::from(byte < 0x20 || byte == b'"' || byte == b'\\');
+        escaped += u8::from(needs_escape(byte));
         // `\u00XX` takes 4 more bytes than the two-byte escapes (`\"`, `\n`, ...).
         long_escapes += u8::from(byte < 0x20 && !matches!(byte, 0x08..=0x0a | 0x0c | 0x0d));
     }
@@ -458,20 +570,6 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
 /// The length of a base64 encoding (with padding) of `length` bytes.
 fn base64_len(length: usize) -> usize {
     length.div_ceil(3).saturating_mul(4)
-}
-
-/// Counts the bytes written to it.
-struct ByteCounter(usize);
-
-impl io::Write for ByteCounter {
-    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        self.0 += buffer.len();
-        Ok(buffer.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Cuts the record's own strings (path, query, error message...) at the last shrink levels.
@@ -527,35 +625,44 @@ impl<'i> HeaderEntry<'i> {
             value,
         }
     }
+
+    /// Writes `"name":"value"`.
+    fn write(&self, out: &mut Vec<u8>) {
+        // Nothing to escape, as is most often the case: the size says so.
+        let plain = self.size == self.name.len() + self.value.len() + 6;
+        let write = if plain {
+            write_plain_string
+        } else {
+            write_string
+        };
+        write(out, self.name);
+        out.push(b':');
+        write(out, &self.value);
+    }
 }
 
 impl<'i> RecordedHeaders<'i> {
     fn new(map: &'i HeaderMap, redaction: &Redaction) -> Self {
-        let entries: Vec<HeaderEntry<'i>> = map
-            .keys()
-            .map(|name| {
-                let values = map.get_all(name);
-                let mut iterator = values.iter();
-                let value = match (iterator.next(), iterator.next()) {
-                    _ if redaction.is_redacted_header(name) => Cow::Borrowed(REDACTED),
-                    (Some(only), None) => match std::str::from_utf8(only.as_bytes()) {
-                        Ok(text) => Cow::Borrowed(text),
-                        Err(_) => Cow::Owned(String::from_utf8_lossy(only.as_bytes()).into_owned()),
-                    },
-                    _ => {
-                        let mut joined = String::new();
-                        for (index, value) in values.iter().enumerate() {
-                            if index > 0 {
-                                joined.push_str(", ");
-                            }
-                            joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
-                        }
-                        Cow::Owned(joined)
-                    }
-                };
-                HeaderEntry::new(name.as_str(), value)
-            })
-            .collect();
+        let mut entries: Vec<HeaderEntry<'i>> = Vec::with_capacity(map.keys_len());
+        // The map yields all the values of a name one after the other, names in the order of
+        // `HeaderMap::keys`: no lookup by name is needed to join them.
+        let mut fields = map.iter().peekable();
+        while let Some((name, first)) = fields.next() {
+            let redacted = redaction.is_redacted_header(name);
+            let mut value = if redacted {
+                Cow::Borrowed(REDACTED)
+            } else {
+                header_text(first.as_bytes())
+            };
+            while let Some((_, next)) = fields.next_if(|(next_name, _)| *next_name == name) {
+                if !redacted {
+                    let joined = value.to_mut();
+                    joined.push_str(", ");
+                    joined.push_str(&header_text(next.as_bytes()));
+                }
+            }
+            entries.push(HeaderEntry::new(name.as_str(), value));
+        }
         Self {
             original_count: entries.len(),
             entries,
@@ -603,6 +710,14 @@ impl<'i> RecordedHeaders<'i> {
             fits
         });
     }
+}
+
+/// A header value as text: borrowed when it is UTF-8, else decoded lossily.
+fn header_text(value: &[u8]) -> Cow<'_, str> {
+    std::str::from_utf8(value).map_or_else(
+        |_| Cow::Owned(String::from_utf8_lossy(value).into_owned()),
+        Cow::Borrowed,
+    )
 }
 
 /// Fits header maps into `budget` serialized bytes: untouched if they fit, else long values
@@ -657,19 +772,14 @@ struct HeaderChoices<'v> {
     trailers: Option<HeaderChoice<'v>>,
 }
 
-/// A body prepared once: its whole JSON value if it has one, and lazily its text or bytes.
+/// A body prepared once: its whole JSON text if it has one, and lazily its text or bytes.
 struct PreparedBody<'i> {
     capture: &'i BodyCapture,
     redaction: &'i Redaction,
     sha256_hex: Option<String>,
-    json: Option<PreparedJson>,
+    /// The whole body as one line of compact, redacted JSON, when it is JSON.
+    json: Option<Cow<'i, str>>,
     text: OnceCell<TextForm<'i>>,
-}
-
-/// A whole body that parsed as JSON, redacted, with its compact serialized size.
-struct PreparedJson {
-    value: Value,
-    serialized_size: usize,
 }
 
 /// A body's captured prefix, ready to be cut: UTF-8 text or raw bytes, redacted.
@@ -706,7 +816,7 @@ impl<'i> PreparedBody<'i> {
         holds_whole_body(self.capture)
     }
 
-    fn prepare_json(capture: &BodyCapture, redaction: &Redaction) -> Option<PreparedJson> {
+    fn prepare_json(capture: &'i BodyCapture, redaction: &Redaction) -> Option<Cow<'i, str>> {
         if capture.excluded.is_some()
             || !capture.complete
             || !holds_whole_body(capture)
@@ -714,14 +824,7 @@ impl<'i> PreparedBody<'i> {
         {
             return None;
         }
-        let mut value: Value = serde_json::from_slice(&capture.prefix).ok()?;
-        redaction.redact_json(&mut value);
-        let mut counter = ByteCounter(0);
-        serde_json::to_writer(&mut counter, &value).ok()?;
-        Some(PreparedJson {
-            value,
-            serialized_size: counter.0,
-        })
+        compact_json(&capture.prefix, redaction)
     }
 
     fn text_form(&self) -> &TextForm<'i> {
@@ -762,7 +865,7 @@ impl<'i> PreparedBody<'i> {
             return 0;
         }
         if let Some(json) = &self.json {
-            return json.serialized_size.saturating_sub(2);
+            return json.len().saturating_sub(2);
         }
         match self.text_form() {
             TextForm::Utf8 { escaped_size, .. } => *escaped_size,
@@ -789,10 +892,10 @@ impl<'i> PreparedBody<'i> {
             return BodyRender::EXCLUDED;
         }
         if let Some(json) = &self.json {
-            if json.serialized_size <= extra.saturating_add(2) {
+            if json.len() <= extra.saturating_add(2) {
                 return BodyRender {
                     encoding: Some("json"),
-                    inline: Some(InlineView::Json(&json.value)),
+                    inline: Some(InlineView::Json(json)),
                     truncated: false,
                 };
             }
@@ -819,9 +922,7 @@ impl<'i> PreparedBody<'i> {
                 let kept = bytes.len().min(extra / 4 * 3);
                 BodyRender {
                     encoding: Some("base64"),
-                    inline: Some(InlineView::Base64(
-                        BASE64.encode(bytes.get(..kept).unwrap_or_default()),
-                    )),
+                    inline: Some(InlineView::Base64(bytes.get(..kept).unwrap_or_default())),
                     truncated: kept < bytes.len() || !self.holds_whole_body(),
                 }
             }
@@ -863,6 +964,426 @@ fn utf8_prefix(prefix: &[u8], holds_whole_body: bool) -> Option<&str> {
     }
 }
 
+/// A whole body as one line of compact JSON, redacted by path; `None` when it is not JSON.
+///
+/// A body is JSON when `serde_json::Value` would parse it (UTF-8, numbers that fit in an `f64`,
+/// no lone surrogate escape, ...) and it is nested at most [`MAXIMUM_BODY_DEPTH`] levels, so
+/// that the record stays readable by serde_json. It is checked without building a value (by
+/// [`compact_common_json`], else [`AnyJson`]) and kept as sent, without its insignificant
+/// whitespace. Only a body with a key named like the last field of a configured path, the only
+/// kind in which a path can select a value, is parsed into a value, redacted and re-serialized.
+fn compact_json<'b>(body: &'b [u8], redaction: &Redaction) -> Option<Cow<'b, str>> {
+    // JSON is UTF-8; checked once here, so that serde_json reads `&str` without checking each
+    // string again.
+    let text = std::str::from_utf8(body).ok()?;
+    if redaction.has_json_paths() && redaction.mentions_configured_field(body) {
+        let mut value: Value = serde_json::from_str(text).ok()?;
+        redaction.redact_json(&mut value);
+        let compact = serde_json::to_string(&value).ok()?;
+        return fits_in_a_record(&compact).then_some(Cow::Owned(compact));
+    }
+    if let Some(compact) = compact_common_json(text) {
+        return Some(compact);
+    }
+    serde_json::from_str::<AnyJson>(text).ok()?;
+    let compact = strip_insignificant_whitespace(text);
+    fits_in_a_record(&compact).then_some(compact)
+}
+
+/// A record holds a body 3 levels down (the record, its request or response, the body): a body
+/// nested deeper than this would make the record deeper than the 127 levels serde_json reads.
+const MAXIMUM_BODY_DEPTH: usize = 124;
+
+/// Whether compact JSON is nested at most [`MAXIMUM_BODY_DEPTH`] levels.
+fn fits_in_a_record(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let (mut depth, mut deepest) = (0_usize, 0_usize);
+    let mut position = 0;
+    while let Some(&byte) = bytes.get(position) {
+        match byte {
+            b'"' => {
+                position = end_of_json_string(bytes, position);
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        position += 1;
+    }
+    deepest <= MAXIMUM_BODY_DEPTH
+}
+
+/// Nesting deeper than this is left to serde_json (and [`fits_in_a_record`]).
+const SCANNED_DEPTH: u32 = 100;
+
+/// Checks and compacts JSON text in one pass, as [`compact_json`] does in two, for the JSON met
+/// in practice. `None` when the text is not JSON, and also when it holds what is rarely seen
+/// and only serde_json can rule on: a surrogate `\u` escape, a number of 1e300 or more, an
+/// exponent of more than 3 digits, more than [`SCANNED_DEPTH`] levels. Whatever it accepts,
+/// `serde_json::Value` accepts.
+fn compact_common_json(text: &str) -> Option<Cow<'_, str>> {
+    let mut compactor = Compactor {
+        text,
+        position: 0,
+        stripped: None,
+        kept_from: 0,
+    };
+    // Bit `n` is set when the container at depth `n + 1` is an object, clear for an array.
+    let mut objects = 0_u128;
+    let mut depth = 0_u32;
+    'value: loop {
+        match compactor.skip_whitespace()? {
+            open @ (b'{' | b'[') => {
+                compactor.position += 1;
+                let close = if open == b'{' { b'}' } else { b']' };
+                if compactor.skip_whitespace()? == close {
+                    // Empty: a complete value.
+                    compactor.position += 1;
+                } else {
+                    if depth >= SCANNED_DEPTH {
+                        return None;
+                    }
+                    if open == b'{' {
+                        objects |= 1 << depth;
+                        compactor.key()?;
+                    } else {
+                        objects &= !(1 << depth);
+                    }
+                    depth += 1;
+                    continue 'value;
+                }
+            }
+            _ => compactor.position = end_of_common_scalar(text.as_bytes(), compactor.position)?,
+        }
+        // After a value: a comma before the next one, or the ends of containers.
+        loop {
+            if depth == 0 {
+                // Nothing but whitespace may follow the top-level value.
+                return match compactor.skip_whitespace() {
+                    None => Some(compactor.finish()),
+                    Some(_) => None,
+                };
+            }
+            let in_object = (objects >> (depth - 1)) & 1 == 1;
+            match compactor.skip_whitespace()? {
+                b',' => {
+                    compactor.position += 1;
+                    if in_object {
+                        compactor.key()?;
+                    }
+                    continue 'value;
+                }
+                b'}' if in_object => {}
+                b']' if !in_object => {}
+                _ => return None,
+            }
+            compactor.position += 1;
+            depth -= 1;
+        }
+    }
+}
+
+/// [`compact_common_json`]'s progress through the text, and the text kept so far once some
+/// whitespace was dropped.
+struct Compactor<'t> {
+    text: &'t str,
+    position: usize,
+    /// `None` while no whitespace was dropped.
+    stripped: Option<String>,
+    /// Where the text not yet copied into `stripped` starts.
+    kept_from: usize,
+}
+
+impl<'t> Compactor<'t> {
+    /// Drops the whitespace at the position; returns the byte after it, `None` at the end.
+    #[inline(always)]
+    fn skip_whitespace(&mut self) -> Option<u8> {
+        let byte = *self.text.as_bytes().get(self.position)?;
+        if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            self.drop_whitespace()
+        } else {
+            Some(byte)
+        }
+    }
+
+    /// [`Compactor::skip_whitespace`] when there is some: out of line, as compact JSON has none.
+    #[cold]
+    #[inline(never)]
+    fn drop_whitespace(&mut self) -> Option<u8> {
+        let bytes = self.text.as_bytes();
+        let run = bytes.get(self.position..).map_or(0, |rest| {
+            rest.iter()
+                .take_while(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+                .count()
+        });
+        // Whitespace is ASCII: both ends are character boundaries.
+        let kept = self
+            .text
+            .get(self.kept_from..self.position)
+            .unwrap_or_default();
+        self.stripped
+            .get_or_insert_with(|| String::with_capacity(self.text.len()))
+            .push_str(kept);
+        self.position += run;
+        self.kept_from = self.position;
+        bytes.get(self.position).copied()
+    }
+
+    /// Steps over a key and the colon after it.
+    fn key(&mut self) -> Option<()> {
+        if self.skip_whitespace()? != b'"' {
+            return None;
+        }
+        self.position = end_of_common_string(self.text.as_bytes(), self.position)?;
+        if self.skip_whitespace()? != b':' {
+            return None;
+        }
+        self.position += 1;
+        Some(())
+    }
+
+    /// The text without the whitespace dropped.
+    fn finish(self) -> Cow<'t, str> {
+        match self.stripped {
+            None => Cow::Borrowed(self.text),
+            Some(mut stripped) => {
+                stripped.push_str(self.text.get(self.kept_from..).unwrap_or_default());
+                Cow::Owned(stripped)
+            }
+        }
+    }
+}
+
+/// The index just past the string, number or literal starting at `start`, for the values
+/// [`compact_common_json`] accepts.
+fn end_of_common_scalar(bytes: &[u8], start: usize) -> Option<usize> {
+    let literal = |literal: &[u8]| {
+        (bytes.get(start..start + literal.len()) == Some(literal)).then_some(start + literal.len())
+    };
+    match bytes.get(start)? {
+        b'"' => end_of_common_string(bytes, start),
+        b'-' | b'0'..=b'9' => end_of_common_number(bytes, start),
+        b't' => literal(b"true"),
+        b'f' => literal(b"false"),
+        b'n' => literal(b"null"),
+        _ => None,
+    }
+}
+
+/// The index just past the closing quote of the string opening at `start`, when it holds no
+/// control character, no invalid escape and no surrogate escape (`\ud83d`...).
+fn end_of_common_string(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut position = start + 1;
+    loop {
+        position += find_escaped_byte(bytes.get(position..)?)?;
+        match *bytes.get(position)? {
+            b'"' => return Some(position + 1),
+            b'\\' => {
+                position += match *bytes.get(position + 1)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => 2,
+                    b'u' => {
+                        let code_unit = bytes
+                            .get(position + 2..position + 6)?
+                            .iter()
+                            .try_fold(0_u32, |unit, &digit| {
+                                Some(unit << 4 | char::from(digit).to_digit(16)?)
+                            })?;
+                        if (0xd800..=0xdfff).contains(&code_unit) {
+                            return None;
+                        }
+                        6
+                    }
+                    _ => return None,
+                };
+            }
+            // A control character.
+            _ => return None,
+        }
+    }
+}
+
+/// The index of the first byte of `bytes` for which [`needs_escape`] holds, looked for eight
+/// bytes at a time.
+fn find_escaped_byte(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each byte that is zero (`has_zero`) or below 0x20 (`has_control`) is set;
+    // a borrow can set it in bytes above too, but the lowest one set is always right.
+    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word;
+    let has_control = |word: u64| word.wrapping_sub(ONES * 0x20) & !word;
+    let mut words = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for word in &mut words {
+        let Ok(word) = <[u8; 8]>::try_from(word).map(u64::from_le_bytes) else {
+            break;
+        };
+        let found = (has_zero(word ^ (ONES * u64::from(b'"')))
+            | has_zero(word ^ (ONES * u64::from(b'\\')))
+            | has_control(word))
+            & HIGH_BITS;
+        if found != 0 {
+            return Some(offset + found.trailing_zeros() as usize / 8);
+        }
+        offset += 8;
+    }
+    let rest = bytes.get(offset..)?;
+    rest.iter()
+        .position(|&byte| needs_escape(byte))
+        .map(|index| offset + index)
+}
+
+/// The index just past the number starting at `start`, when it is a JSON number below 1e300 in
+/// magnitude (serde_json refuses numbers that overflow an `f64`) with at most 3 exponent digits.
+fn end_of_common_number(bytes: &[u8], start: usize) -> Option<usize> {
+    let digits_at = |position: usize| {
+        bytes.get(position..).map_or(0, |rest| {
+            rest.iter().take_while(|byte| byte.is_ascii_digit()).count()
+        })
+    };
+    let mut position = start + usize::from(bytes.get(start) == Some(&b'-'));
+    let integer_digits = digits_at(position);
+    // No digit, or a leading zero (`01`).
+    if integer_digits == 0 || (integer_digits > 1 && bytes.get(position) == Some(&b'0')) {
+        return None;
+    }
+    position += integer_digits;
+    if bytes.get(position) == Some(&b'.') {
+        let fraction_digits = digits_at(position + 1);
+        if fraction_digits == 0 {
+            return None;
+        }
+        position += 1 + fraction_digits;
+    }
+    let mut exponent = 0_usize;
+    if matches!(bytes.get(position), Some(b'e' | b'E')) {
+        position += 1;
+        let negative = bytes.get(position) == Some(&b'-');
+        position += usize::from(matches!(bytes.get(position), Some(b'+' | b'-')));
+        let exponent_digits = digits_at(position);
+        if exponent_digits == 0 || exponent_digits > 3 {
+            return None;
+        }
+        if !negative {
+            exponent = bytes
+                .get(position..position + exponent_digits)?
+                .iter()
+                .fold(0, |value, digit| value * 10 + usize::from(digit - b'0'));
+        }
+        position += exponent_digits;
+    }
+    // The magnitude is below 10^(integer digits + exponent).
+    (integer_digits + exponent <= 300).then_some(position)
+}
+
+/// Any JSON value, accepted exactly when `serde_json::Value` accepts it (both are read through
+/// `deserialize_any`, with the same checks of strings, numbers and depth), but kept nowhere:
+/// checking a body allocates nothing.
+struct AnyJson;
+
+impl<'de> Deserialize<'de> for AnyJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(AnyJson)
+    }
+}
+
+impl<'de> Visitor<'de> for AnyJson {
+    type Value = AnyJson;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut elements: A) -> Result<Self, A::Error> {
+        while elements.next_element::<AnyJson>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<Self, A::Error> {
+        while members.next_key::<AnyJson>()?.is_some() {
+            members.next_value::<AnyJson>()?;
+        }
+        Ok(self)
+    }
+}
+
+/// Valid JSON text without the whitespace between its tokens, so that it fits on the record's
+/// line; borrowed when there is none.
+fn strip_insignificant_whitespace(text: &str) -> Cow<'_, str> {
+    let is_whitespace = |byte: &u8| matches!(byte, b' ' | b'\t' | b'\n' | b'\r');
+    let bytes = text.as_bytes();
+    let mut stripped: Option<String> = None;
+    // Where the text not yet copied into `stripped` starts.
+    let mut kept_from = 0;
+    let mut position = 0;
+    while let Some(byte) = bytes.get(position) {
+        if *byte == b'"' {
+            position = end_of_json_string(bytes, position);
+        } else if is_whitespace(byte) {
+            let run = bytes.get(position..).map_or(0, |rest| {
+                rest.iter().take_while(|byte| is_whitespace(byte)).count()
+            });
+            // Whitespace is ASCII: both ends are character boundaries.
+            let kept = text.get(kept_from..position).unwrap_or_default();
+            stripped
+                .get_or_insert_with(|| String::with_capacity(text.len()))
+                .push_str(kept);
+            position += run;
+            kept_from = position;
+        } else {
+            position += 1;
+        }
+    }
+    match stripped {
+        None => Cow::Borrowed(text),
+        Some(mut stripped) => {
+            stripped.push_str(text.get(kept_from..).unwrap_or_default());
+            Cow::Owned(stripped)
+        }
+    }
+}
+
+/// The index just past the closing quote of the JSON string opening at `start` (the end of the
+/// text if it has none).
+fn end_of_json_string(bytes: &[u8], start: usize) -> usize {
+    let mut position = start + 1;
+    while let Some(&byte) = bytes.get(position) {
+        match byte {
+            b'\\' => position += 2,
+            b'"' => return position + 1,
+            _ => position += 1,
+        }
+    }
+    bytes.len()
+}
+
 /// A body's `encoding`, `inline` and `truncated` fields.
 #[derive(Debug, Clone)]
 struct BodyRender<'v> {
@@ -882,88 +1403,150 @@ impl BodyRender<'_> {
 /// A body's `inline` value.
 #[derive(Debug, Clone)]
 enum InlineView<'v> {
-    Json(&'v Value),
+    /// Compact JSON text, written as it is.
+    Json(&'v str),
+    /// Text, written as a JSON string.
     Text(&'v str),
-    Base64(String),
+    /// Bytes, written as a base64 string.
+    Base64(&'v [u8]),
 }
 
-impl Serialize for InlineView<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl InlineView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
         match self {
-            InlineView::Json(value) => value.serialize(serializer),
-            InlineView::Text(text) => serializer.serialize_str(text),
-            InlineView::Base64(encoded) => serializer.serialize_str(encoded),
+            InlineView::Json(json) => out.extend_from_slice(json.as_bytes()),
+            InlineView::Text(text) => write_string(out, text),
+            InlineView::Base64(bytes) => write_base64(out, bytes),
         }
     }
 }
 
-/// A header map, serialized as an object in its order.
+/// A header map, written as an object in its order.
 #[derive(Debug, Clone, Copy)]
 struct HeadersView<'v>(&'v [HeaderEntry<'v>]);
 
-impl Serialize for HeadersView<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for entry in self.0 {
-            map.serialize_entry(entry.name, &entry.value)?;
+impl HeadersView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (index, entry) in self.0.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            entry.write(out);
         }
-        map.end()
+        out.push(b'}');
     }
 }
 
-fn is_false(value: &bool) -> bool {
-    !*value
-}
-
-/// The record as serialized; field order is the contract's (shared README §2).
-#[derive(Serialize)]
+/// The record as written; field order is the contract's (shared README §2).
 struct RecordView<'v> {
     schema: &'static str,
     id: Cow<'v, str>,
     correlation_id: Cow<'v, str>,
     service: Cow<'v, str>,
     started_at: &'v str,
-    duration_ms: f64,
+    /// JSON text.
+    duration_ms: &'v str,
     outcome: Cow<'v, str>,
     error: Option<ErrorView<'v>>,
     request: RequestView<'v>,
     response: Option<ResponseView<'v>>,
-    /// The record's own strings were cut to fit.
-    #[serde(skip_serializing_if = "is_false")]
+    /// The record's own strings were cut to fit (written only when true).
     record_truncated: bool,
 }
 
-#[derive(Serialize)]
+impl RecordView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut record = ObjectWriter::open(out);
+        record.string("schema", self.schema);
+        record.string("id", &self.id);
+        record.string("correlation_id", &self.correlation_id);
+        record.string("service", &self.service);
+        record.string("started_at", self.started_at);
+        record
+            .member("duration_ms")
+            .extend_from_slice(self.duration_ms.as_bytes());
+        record.string("outcome", &self.outcome);
+        match &self.error {
+            Some(error) => error.write(record.member("error")),
+            None => record.null("error"),
+        }
+        self.request.write(record.member("request"));
+        match &self.response {
+            Some(response) => response.write(record.member("response")),
+            None => record.null("response"),
+        }
+        record.flag("record_truncated", self.record_truncated);
+        record.close();
+    }
+}
+
 struct ErrorView<'v> {
     kind: Cow<'v, str>,
     message: Cow<'v, str>,
 }
 
-#[derive(Serialize)]
+impl ErrorView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut error = ObjectWriter::open(out);
+        error.string("kind", &self.kind);
+        error.string("message", &self.message);
+        error.close();
+    }
+}
+
 struct RequestView<'v> {
     method: Cow<'v, str>,
     path: Cow<'v, str>,
     query: Option<Cow<'v, str>>,
     http_version: Cow<'v, str>,
     headers: HeadersView<'v>,
-    #[serde(skip_serializing_if = "is_false")]
+    /// Written only when true.
     headers_truncated: bool,
     body: BodyView<'v>,
 }
 
-#[derive(Serialize)]
+impl RequestView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut request = ObjectWriter::open(out);
+        request.string("method", &self.method);
+        request.string("path", &self.path);
+        request.optional_string("query", self.query.as_deref());
+        request.string("http_version", &self.http_version);
+        self.headers.write(request.member("headers"));
+        request.flag("headers_truncated", self.headers_truncated);
+        self.body.write(request.member("body"));
+        request.close();
+    }
+}
+
 struct ResponseView<'v> {
     status: u16,
     headers: HeadersView<'v>,
-    #[serde(skip_serializing_if = "is_false")]
+    /// Written only when true.
     headers_truncated: bool,
     body: BodyView<'v>,
     trailers: Option<HeadersView<'v>>,
-    #[serde(skip_serializing_if = "is_false")]
+    /// Written only when true.
     trailers_truncated: bool,
 }
 
-#[derive(Serialize)]
+impl ResponseView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut response = ObjectWriter::open(out);
+        write_u64(response.member("status"), u64::from(self.status));
+        self.headers.write(response.member("headers"));
+        response.flag("headers_truncated", self.headers_truncated);
+        self.body.write(response.member("body"));
+        match &self.trailers {
+            Some(trailers) => trailers.write(response.member("trailers")),
+            None => response.null("trailers"),
+        }
+        response.flag("trailers_truncated", self.trailers_truncated);
+        response.close();
+    }
+}
+
 struct BodyView<'v> {
     size: u64,
     sha256: Option<&'v str>,
@@ -973,8 +1556,220 @@ struct BodyView<'v> {
     inline: Option<InlineView<'v>>,
     blob: Option<Cow<'v, str>>,
     complete: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Written only when set.
     excluded: Option<&'static str>,
+}
+
+impl BodyView<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut body = ObjectWriter::open(out);
+        write_u64(body.member("size"), self.size);
+        body.optional_string("sha256", self.sha256);
+        body.optional_string("content_type", self.content_type.as_deref());
+        body.optional_string("encoding", self.encoding);
+        body.boolean("truncated", self.truncated);
+        match &self.inline {
+            Some(inline) => inline.write(body.member("inline")),
+            None => body.null("inline"),
+        }
+        body.optional_string("blob", self.blob.as_deref());
+        body.boolean("complete", self.complete);
+        if let Some(reason) = self.excluded {
+            body.string("excluded", reason);
+        }
+        body.close();
+    }
+}
+
+/// Writes one JSON object member by member, commas included. Member names are written as
+/// given: they must need no escaping (the record's own field names).
+struct ObjectWriter<'o> {
+    out: &'o mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'o> ObjectWriter<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, empty: true }
+    }
+
+    /// Starts a member (`"name":`, after a comma unless it is the first) and returns the buffer
+    /// its value is to be written to.
+    fn member(&mut self, name: &str) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn string(&mut self, name: &str, value: &str) {
+        write_string(self.member(name), value);
+    }
+
+    fn optional_string(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.string(name, value),
+            None => self.null(name),
+        }
+    }
+
+    fn null(&mut self, name: &str) {
+        self.member(name).extend_from_slice(b"null");
+    }
+
+    fn boolean(&mut self, name: &str, value: bool) {
+        let literal: &[u8] = if value { b"true" } else { b"false" };
+        self.member(name).extend_from_slice(literal);
+    }
+
+    /// A boolean member written only when true.
+    fn flag(&mut self, name: &str, value: bool) {
+        if value {
+            self.boolean(name, true);
+        }
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Writes `text` as a JSON string escaped exactly as serde_json escapes it, which
+/// [`escaped_len`] measures: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, and the other control
+/// characters as `\u00xx`. Chunks with nothing to escape are copied whole.
+fn write_string(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    if is_short_and_plain(bytes) {
+        write_plain_string(out, text);
+        return;
+    }
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut chunks = bytes.chunks(ESCAPE_CHUNK_BYTES);
+    while let Some(chunk) = chunks.next() {
+        if escaped_chunk_len(chunk) != chunk.len() {
+            write_escaped_chunks(out, chunk, chunks);
+            break;
+        }
+        out.extend_from_slice(chunk);
+    }
+    out.push(b'"');
+}
+
+/// Writes a text that needs no escaping as a JSON string.
+fn write_plain_string(out: &mut Vec<u8>, text: &str) {
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
+}
+
+/// The rest of [`write_string`], from its first chunk with something to escape. Such chunks
+/// are escaped byte by byte, without a branch per byte, into a local buffer: escapes are often
+/// dense (JSON text in a string), and copying the runs between them one by one costs more.
+fn write_escaped_chunks<'t>(
+    out: &mut Vec<u8>,
+    first: &'t [u8],
+    rest: impl Iterator<Item = &'t [u8]>,
+) {
+    // Room for the longest escape (6 bytes) of each byte of a chunk; the table's 8-byte
+    // entries, copied whole, end at most 2 bytes further.
+    let mut escaped = [0_u8; ESCAPE_CHUNK_BYTES * 6 + 2];
+    for chunk in std::iter::once(first).chain(rest) {
+        if escaped_chunk_len(chunk) == chunk.len() {
+            out.extend_from_slice(chunk);
+            continue;
+        }
+        let mut length = 0;
+        for &byte in chunk {
+            let entry = &ESCAPE_TABLE[usize::from(byte)];
+            if let Some(slot) = escaped.get_mut(length..length + entry.len()) {
+                slot.copy_from_slice(entry);
+            }
+            length += usize::from(entry[ESCAPE_LENGTH_INDEX]);
+        }
+        out.extend_from_slice(escaped.get(..length).unwrap_or_default());
+    }
+}
+
+/// Where an [`ESCAPE_TABLE`] entry holds the length of its sequence.
+const ESCAPE_LENGTH_INDEX: usize = 7;
+
+/// For each byte, what serde_json writes for it in a string: up to 6 bytes, then padding, and
+/// the sequence's length at [`ESCAPE_LENGTH_INDEX`].
+const ESCAPE_TABLE: [[u8; 8]; 256] = escape_table();
+
+const fn escape_table() -> [[u8; 8]; 256] {
+    let mut table = [[0_u8; 8]; 256];
+    let mut index = 0;
+    while index < table.len() {
+        let byte = index as u8;
+        let short = match byte {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => 0,
+        };
+        table[index] = if short != 0 {
+            [b'\\', short, 0, 0, 0, 0, 0, 2]
+        } else if byte < 0x20 {
+            let high = HEX_DIGITS[(byte >> 4) as usize];
+            let low = HEX_DIGITS[(byte & 0x0f) as usize];
+            [b'\\', b'u', b'0', b'0', high, low, 0, 6]
+        } else {
+            [byte, 0, 0, 0, 0, 0, 0, 1]
+        };
+        index += 1;
+    }
+    table
+}
+
+/// Writes `bytes` base64-encoded, as a JSON string.
+fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    let start = out.len();
+    out.resize(start + base64_len(bytes.len()), 0);
+    match BASE64.encode_slice(bytes, out.get_mut(start..).unwrap_or_default()) {
+        Ok(written) => out.truncate(start + written),
+        // The slice is exactly long enough; encoding into a new string is only a fallback.
+        Err(_) => {
+            out.truncate(start);
+            out.extend_from_slice(BASE64.encode(bytes).as_bytes());
+        }
+    }
+    out.push(b'"');
+}
+
+/// Writes an unsigned integer in decimal.
+fn write_u64(out: &mut Vec<u8>, value: u64) {
+    // u64::MAX has 20 digits.
+    let mut digits = [0_u8; 20];
+    let mut remaining = value;
+    let mut start = digits.len();
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (remaining % 10) as u8;
+        remaining /= 10;
+        start -= 1;
+        if remaining == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(digits.get(start..).unwrap_or_default());
+}
+
+/// A float as serde_json writes it: its shortest round-trip form, `null` when not finite.
+fn json_float(value: f64) -> String {
+    serde_json::Number::from_f64(value)
+        .map_or_else(|| "null".to_owned(), |number| number.to_string())
 }
 
 #[cfg(test)]
@@ -1756,5 +2551,294 @@ mod tests {
             }
         }
         body
+    }
+
+    #[test]
+    fn a_json_body_is_recorded_as_sent_without_its_whitespace() {
+        // Keys out of order, numbers and escapes serde_json would re-print, whitespace around
+        // every token and inside strings.
+        let body = "\r\n {\n  \"zeta\" : [1.0e2, -0, 0.1, 1.1099999999999999],\n\t\"alpha\": \
+                    \"caf\\u00e9 \\/ a\\nb\",  \"mid\" : { } , \"list\":[ ] }\n";
+        let exchange = Exchange::new(capture(body.as_bytes(), Some("application/json")), empty());
+        let (bytes, record) = exchange.record(&Redaction::default(), MAXIMUM_RECORD_BYTES);
+        let compact = concat!(
+            r#"{"zeta":[1.0e2,-0,0.1,1.1099999999999999],"#,
+            r#""alpha":"caf\u00e9 \/ a\nb","mid":{},"list":[]}"#
+        );
+        assert!(contains(&bytes, &format!(r#""inline":{compact},"#)));
+        let request_body = &record["request"]["body"];
+        assert_eq!(request_body["encoding"], "json");
+        assert_eq!(request_body["truncated"], false);
+        assert_eq!(
+            request_body["inline"],
+            serde_json::from_str::<Value>(body).unwrap()
+        );
+        // Compact JSON is copied as it is.
+        let exchange = Exchange::new(capture(compact.as_bytes(), None), empty());
+        let (bytes, _) = exchange.record(&Redaction::default(), MAXIMUM_RECORD_BYTES);
+        assert!(contains(&bytes, &format!(r#""inline":{compact},"#)));
+    }
+
+    #[test]
+    fn a_json_body_is_json_exactly_when_serde_json_parses_it() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let bodies: Vec<String> = [
+            // Taken by the one-pass check.
+            r#"{"a":[1,-2.5e-3,1E+2,0,true,false,null,"\"\\\/\b\f\n\r\t\u00e9"]}"#,
+            "[1e299]",
+            "[1e-999, -0.0e-0, 1E+07, 12345678901234567890123]",
+            " 42 ",
+            r#""é 😀 \u2028""#,
+            // Left to serde_json, which takes them.
+            "[1e305]",
+            "[1e0005]",
+            "[0e999]",
+            r#""\ud83d\ude00""#,
+            // Refused.
+            "[1e400]",
+            "[-1e309]",
+            r#""\ud800""#,
+            r#""\udc00""#,
+            r#""\ud83dx""#,
+            "[1,]",
+            r#"{"a":1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"a":1"b":2}"#,
+            "[01]",
+            "[1.]",
+            "[.5]",
+            "[+1]",
+            "[1e]",
+            "[-]",
+            "[NaN]",
+            "\"tab\there\"",
+            "\"\\x\"",
+            "\"\\u12g4\"",
+            "[1] [2]",
+            "{'a':1}",
+            "tru",
+            "nul",
+            "[",
+            "{\"a\":[}",
+            "   ",
+            "\u{feff}{}",
+        ]
+        .iter()
+        .map(|body| (*body).to_owned())
+        .chain([99, 100, 101, 124, 125, 127, 128, 200].map(nested))
+        .collect();
+        for body in &bodies {
+            // The record holds its bodies 3 levels down, and serde_json reads 127.
+            let deep = body.starts_with(&"[".repeat(MAXIMUM_BODY_DEPTH + 1));
+            let parses = serde_json::from_str::<Value>(body).is_ok() && !deep;
+            for redaction in [Redaction::default(), path_redaction()] {
+                let exchange = Exchange::new(capture(body.as_bytes(), None), empty());
+                let (_, record) = exchange.record(&redaction, MAXIMUM_RECORD_BYTES);
+                let encoding = &record["request"]["body"]["encoding"];
+                assert_eq!(encoding == "json", parses, "{body:?}: {encoding}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_paths_redact_a_body_only_when_it_names_their_field() {
+        let redaction = path_redaction();
+        // No `password` nor `ssn` key: the body is kept as sent, in its order.
+        let body = br#"{"z": 1, "rows": [{"id": 1}], "note": "password"}"#;
+        let exchange = Exchange::new(capture(body, None), empty());
+        let (bytes, _) = exchange.record(&redaction, MAXIMUM_RECORD_BYTES);
+        assert!(contains(
+            &bytes,
+            r#""inline":{"z":1,"rows":[{"id":1}],"note":"password"}"#
+        ));
+        // A `password` key, even escaped: parsed, redacted, re-serialized.
+        let body = br#"{"z": 1, "pass\u0077ord": "SECRET", "rows": []}"#;
+        let exchange = Exchange::new(capture(body, None), empty());
+        let (bytes, record) = exchange.record(&redaction, MAXIMUM_RECORD_BYTES);
+        assert!(!contains(&bytes, "SECRET"));
+        assert_eq!(
+            record["request"]["body"]["inline"],
+            json!({"z": 1, "password": REDACTED, "rows": []})
+        );
+    }
+
+    /// Random JSON-like texts, valid or broken in small ways: what the one-pass check accepts,
+    /// serde_json accepts, and its compact text is the same value without whitespace.
+    #[test]
+    fn property_the_one_pass_json_check_agrees_with_serde_json() {
+        // Separated by `|`.
+        const TOKENS: &str = concat!(
+            "{|}|[|]|,|:| |\n\t|\"k\"|\"a b\"|\"\\\"\"|\"\\u00e9\"|\"\\ud83d\\ude00\"|",
+            "\"\\ud83d\"|\"é\"|0|-1|2.5|1e3|1e400|01|true|null|fals|\"\\q\"|\"\u{1}\"|",
+            "1e-999|-0.0e-0|1E+07|9e299|1e300|0e999|12345678901234567890123"
+        );
+        let tokens: Vec<&str> = TOKENS.split('|').collect();
+        let mut state = 0x853c_49e6_748f_ea9b_u64;
+        let mut next = move || {
+            state = xorshift(state);
+            state
+        };
+        let (mut accepted, mut json) = (0, 0);
+        for iteration in 0..20_000 {
+            let mut text = String::new();
+            if next().is_multiple_of(2) {
+                // A valid document, maybe broken by one token.
+                let value = random_json(&mut next, 0);
+                text = if next().is_multiple_of(2) {
+                    serde_json::to_string_pretty(&value).unwrap()
+                } else {
+                    serde_json::to_string(&value).unwrap()
+                };
+                if next().is_multiple_of(3) {
+                    let mut at = (next() % (text.len() as u64 + 1)) as usize;
+                    while !text.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    text.insert_str(at, tokens[(next() % tokens.len() as u64) as usize]);
+                }
+            } else {
+                for _ in 0..next() % 12 {
+                    text.push_str(tokens[(next() % tokens.len() as u64) as usize]);
+                }
+            }
+            let parsed = serde_json::from_str::<Value>(&text);
+            json += usize::from(parsed.is_ok());
+            assert_eq!(
+                compact_json(text.as_bytes(), &Redaction::default()).is_some(),
+                parsed.is_ok(),
+                "{iteration}: {text:?}"
+            );
+            if let Some(compact) = compact_common_json(&text) {
+                accepted += 1;
+                let parsed = parsed.unwrap_or_else(|error| panic!("{text:?}: {error}"));
+                assert_eq!(serde_json::from_str::<Value>(&compact).unwrap(), parsed);
+                assert_eq!(compact, strip_insignificant_whitespace(&text));
+                assert!(!compact.contains(['\n', '\r']), "{compact:?}");
+            }
+        }
+        // Most valid documents take the one-pass check, and enough texts are not JSON.
+        assert!(accepted > json * 3 / 4, "{accepted} of {json}");
+        assert!(json < 15_000, "{json}");
+    }
+
+    /// A random JSON value: objects, arrays, strings with escapes, numbers of every form.
+    fn random_json(next: &mut impl FnMut() -> u64, depth: u32) -> Value {
+        const STRINGS: [&str; 7] = ["", "a", "\"q\" \\", "\u{1}\n\t", "é世😀", "\u{2028}", "/"];
+        match next() % if depth > 3 { 6 } else { 8 } {
+            0 => Value::Null,
+            1 => Value::Bool(next().is_multiple_of(2)),
+            2 => json!(next() >> (next() % 64)),
+            3 => json!(-((next() % 1_000_000) as i64)),
+            4 => json!(f64::from_bits(next() >> 2)),
+            5 => Value::String(STRINGS[(next() % STRINGS.len() as u64) as usize].repeat(2)),
+            6 => Value::Array(
+                (0..next() % 5)
+                    .map(|_| random_json(next, depth + 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..next() % 5)
+                    .map(|index| (format!("k{index}"), random_json(next, depth + 1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut texts: Vec<String> = (0_u32..0x80)
+            .chain([0x7f, 0xe9, 0x2028, 0x1f600])
+            .filter_map(char::from_u32)
+            .map(|character| format!("a{character}b"))
+            .collect();
+        let mixed = "ab\"\\\u{1}\n\té世😀\u{1f}x/";
+        for length in [0, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 1_000] {
+            texts.push("p".repeat(length));
+            texts.push(format!("{}\"", "p".repeat(length)));
+            texts.push(mixed.repeat(length / mixed.len() + 1));
+            texts.push("\"".repeat(length));
+            texts.push("\u{0}".repeat(length));
+        }
+        for text in &texts {
+            let mut written = Vec::new();
+            write_string(&mut written, text);
+            assert_eq!(written, serde_json::to_vec(text).unwrap(), "{text:?}");
+            assert_eq!(escaped_len(text) + 2, written.len(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_as_serde_json_writes_them() {
+        for value in [
+            0.0,
+            -0.0,
+            12.5,
+            0.1 + 0.2,
+            1e21,
+            1e-7,
+            3.0,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            assert_eq!(json_float(value), serde_json::to_string(&value).unwrap());
+        }
+        for value in [0, 7, 10, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let mut written = Vec::new();
+            write_u64(&mut written, value);
+            assert_eq!(written, value.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn assemble_into_reuses_its_buffer() {
+        let body = serde_json::to_vec(&json!({"features": [1, 2, 3], "id": "x"})).unwrap();
+        let exchange = Exchange::new(capture(&body, None), capture(b"{\"score\":0.5}", None));
+        let input = exchange.input();
+        let mut buffer = b"left over".to_vec();
+        for maximum in [MAXIMUM_RECORD_BYTES, 700, 150, 1] {
+            assemble_into(&input, &Redaction::default(), maximum, &mut buffer);
+            assert_eq!(
+                buffer,
+                assemble(&input, &Redaction::default(), maximum),
+                "{maximum}"
+            );
+        }
+        assemble_into(
+            &input,
+            &Redaction::default(),
+            MAXIMUM_RECORD_BYTES,
+            &mut buffer,
+        );
+        let capacity = buffer.capacity();
+        assemble_into(
+            &input,
+            &Redaction::default(),
+            MAXIMUM_RECORD_BYTES,
+            &mut buffer,
+        );
+        assert_eq!(buffer.capacity(), capacity);
+    }
+
+    #[test]
+    fn a_record_that_fits_whole_is_never_cut() {
+        let body = "q\"".repeat(300);
+        let mut exchange = Exchange::new(capture(body.as_bytes(), None), capture(b"[1,2]", None));
+        exchange.request_headers = header_map(&[("x-a", &"v".repeat(2_000))]);
+        let whole = assemble(
+            &exchange.input(),
+            &Redaction::default(),
+            MAXIMUM_RECORD_BYTES,
+        );
+        let (bytes, record) = exchange.record(&Redaction::default(), whole.len());
+        assert_eq!(bytes, whole);
+        assert_eq!(record["request"]["body"]["truncated"], false);
+        // One byte less and something is cut, within the limit.
+        let (bytes, record) = exchange.record(&Redaction::default(), whole.len() - 1);
+        assert!(bytes.len() < whole.len());
+        let request = &record["request"];
+        assert!(request["body"]["truncated"] == true || request["headers_truncated"] == true);
     }
 }

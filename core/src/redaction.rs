@@ -268,6 +268,13 @@ impl Redaction {
         !self.json_paths.is_empty()
     }
 
+    /// Whether `text` has a key named like the last field name of a configured path. A JSON
+    /// text without one is left unchanged by [`Redaction::redact_json`]: every value a path
+    /// selects is, or lies inside, the value of such a key.
+    pub fn mentions_configured_field(&self, text: &[u8]) -> bool {
+        !self.text_field_names.is_empty() && !self.sensitive_value_ranges(text).is_empty()
+    }
+
     /// Replaces each value a configured path selects by the string `"[redacted]"`.
     pub fn redact_json(&self, value: &mut Value) {
         for path in &self.json_paths {
@@ -729,5 +736,57 @@ mod tests {
             &*redacted,
             b"{\"x\": \"\xff\xfe\", \"token\": \"[redacted]\"}"
         );
+    }
+
+    #[test]
+    fn json_without_a_configured_field_name_is_left_unchanged_by_paths() {
+        let redaction = redaction(&[
+            "$.customer.email",
+            "$.data[*].ssn",
+            "$.*.pin",
+            "$['odd key'][0]",
+        ]);
+        let mentioned = [
+            r#"{"customer": {"email": 1}}"#,
+            r#"{"x": [{"ssn": 2}]}"#,
+            r#"[{"odd key": 3}]"#,
+            r#"{"p\u0069n": 1}"#,
+        ];
+        for text in mentioned {
+            assert!(
+                redaction.mentions_configured_field(text.as_bytes()),
+                "{text}"
+            );
+        }
+        assert!(!Redaction::default().mentions_configured_field(br#"{"pin": 1}"#));
+        // Every document built from these keys that names no configured field keeps its values.
+        let keys = ["customer", "email", "data", "ssn", "odd key", "pin", "x"];
+        let mut state = 0x5851_f42d_4c95_7f2d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut unmentioned = 0;
+        for _ in 0..2_000 {
+            let mut value = json!("email");
+            for _ in 0..next() % 6 {
+                let key = keys[(next() % keys.len() as u64) as usize];
+                value = match next() % 3 {
+                    0 => json!([value, 1]),
+                    1 => json!({ key: value }),
+                    _ => json!({ key: value, "x": [key] }),
+                };
+            }
+            let text = serde_json::to_string(&value).unwrap();
+            if !redaction.mentions_configured_field(text.as_bytes()) {
+                unmentioned += 1;
+                let mut redacted = value.clone();
+                redaction.redact_json(&mut redacted);
+                assert_eq!(redacted, value, "{text}");
+            }
+        }
+        assert!(unmentioned > 100, "{unmentioned}");
     }
 }
