@@ -34,4 +34,11 @@ step "cargo build --workspace --bins (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 cargo build --workspace --bins
 
 step "cargo test --workspace --no-fail-fast $*"
-cargo test --workspace --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary: "N passed, N failed".
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "\n%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
