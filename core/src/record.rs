@@ -1773,7 +1773,6 @@ fn json_float(value: f64) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use http::{HeaderName, HeaderValue};
     use serde_json::json;
@@ -1818,8 +1817,8 @@ mod tests {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
             map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
+                HeaderName::from_bytes(name.as_bytes()).expect("test input"),
+                HeaderValue::from_str(value).expect("test input"),
             );
         }
         map
@@ -1887,7 +1886,7 @@ mod tests {
             let bytes = assemble(&self.input(), redaction, maximum);
             assert!(bytes.len() <= maximum, "{} > {maximum}", bytes.len());
             assert_ne!(bytes.last(), Some(&b'\n'));
-            let value: Value = serde_json::from_slice(&bytes).unwrap();
+            let value: Value = serde_json::from_slice(&bytes).expect("test input");
             (bytes, value)
         }
     }
@@ -1897,7 +1896,7 @@ mod tests {
     }
 
     fn base64_decode(text: &str) -> Vec<u8> {
-        BASE64.decode(text).unwrap()
+        BASE64.decode(text).expect("test input")
     }
 
     fn contains(haystack: &[u8], needle: &str) -> bool {
@@ -1966,9 +1965,10 @@ mod tests {
         let mut exchange = Exchange::new(empty(), empty());
         exchange.request_headers =
             header_map(&[("Accept", "a"), ("ACCEPT", "b"), ("X-Mixed", "1")]);
-        exchange
-            .request_headers
-            .append("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        exchange.request_headers.append(
+            "x-latin1",
+            HeaderValue::from_bytes(b"caf\xe9").expect("test input"),
+        );
         let (_, record) = exchange.record(&Redaction::default(), MAXIMUM_RECORD_BYTES);
         assert_eq!(
             record["request"]["headers"],
@@ -2002,7 +2002,7 @@ mod tests {
             .map(|index| json!({"feature": index, "name": format!("f{index}")}))
             .collect();
         let document = json!({"data": items});
-        let text = serde_json::to_string_pretty(&document).unwrap();
+        let text = serde_json::to_string_pretty(&document).expect("test input");
         assert!(text.len() >= 1024, "{}", text.len());
         let exchange = Exchange::new(capture(text.as_bytes(), Some("application/json")), empty());
         let (_, record) = exchange.record(&Redaction::default(), MAXIMUM_RECORD_BYTES);
@@ -2040,7 +2040,7 @@ mod tests {
         assert_eq!(body["complete"], false);
         assert_eq!(body["size"], text.len());
         assert_eq!(body["sha256"], lowercase_hex(&digest(text.len() as u64)));
-        let inline = body["inline"].as_str().unwrap();
+        let inline = body["inline"].as_str().expect("test input");
         assert!(text.starts_with(inline));
         assert!(inline.len() > 50_000, "{}", inline.len());
     }
@@ -2053,7 +2053,7 @@ mod tests {
         let body = &record["request"]["body"];
         assert_eq!(body["encoding"], "utf8");
         assert_eq!(body["truncated"], true);
-        assert!(text.starts_with(body["inline"].as_str().unwrap()));
+        assert!(text.starts_with(body["inline"].as_str().expect("test input")));
     }
 
     #[test]
@@ -2067,7 +2067,7 @@ mod tests {
             let request_body = &record["request"]["body"];
             assert_eq!(request_body["encoding"], "base64");
             assert_eq!(request_body["truncated"], true);
-            let decoded = base64_decode(request_body["inline"].as_str().unwrap());
+            let decoded = base64_decode(request_body["inline"].as_str().expect("test input"));
             assert!(body.starts_with(&decoded));
             assert!(decoded.len() > 100);
             assert!(bytes.len() + 8 > maximum, "{} of {maximum}", bytes.len());
@@ -2088,7 +2088,7 @@ mod tests {
                 continue;
             };
             let text = character.to_string();
-            let serialized = serde_json::to_string(&text).unwrap();
+            let serialized = serde_json::to_string(&text).expect("test input");
             assert_eq!(escaped_len(&text) + 2, serialized.len(), "U+{code:04X}");
         }
     }
@@ -2098,7 +2098,7 @@ mod tests {
         let text = "ab\"\\\u{1}\n\té世😀\u{1f}x".repeat(40);
         for end in (0..=text.len()).filter(|end| text.is_char_boundary(*end)) {
             let prefix = &text[..end];
-            let serialized = serde_json::to_string(prefix).unwrap().len() - 2;
+            let serialized = serde_json::to_string(prefix).expect("test input").len() - 2;
             assert_eq!(escaped_len(prefix), serialized, "{end}");
             // The cut for a budget of exactly this size keeps the whole prefix, one byte less
             // keeps a shorter one.
@@ -2136,7 +2136,7 @@ mod tests {
             let request_body = &record["request"]["body"];
             assert_eq!(request_body["encoding"], "utf8");
             assert_eq!(request_body["truncated"], true);
-            assert!(body.starts_with(request_body["inline"].as_str().unwrap()));
+            assert!(body.starts_with(request_body["inline"].as_str().expect("test input")));
             // Exact accounting: what is left unused is at most one escaped character (5 bytes)
             // and the placeholders' longer `encoding`/`truncated` values (3 bytes per body).
             assert!(bytes.len() + 12 > maximum, "{} of {maximum}", bytes.len());
@@ -2149,13 +2149,15 @@ mod tests {
         for maximum in 1_000..1_040 {
             let exchange = Exchange::new(capture(body.as_bytes(), None), empty());
             let (_, record) = exchange.record(&Redaction::default(), maximum);
-            let inline = record["request"]["body"]["inline"].as_str().unwrap();
+            let inline = record["request"]["body"]["inline"]
+                .as_str()
+                .expect("test input");
             assert!(body.starts_with(inline));
             assert_eq!(record["request"]["body"]["encoding"], "utf8");
         }
         // The capture itself ends inside an emoji: the partial character is dropped, still utf8.
         let mut cut = capture(body.as_bytes(), None);
-        let emoji_start = body.find('😀').unwrap();
+        let emoji_start = body.find('😀').expect("test input");
         cut.prefix.truncate(emoji_start + 2);
         cut.complete = false;
         let exchange = Exchange::new(cut, empty());
@@ -2179,23 +2181,24 @@ mod tests {
         let mut headers = HeaderMap::new();
         for index in 0..200 {
             headers.append(
-                HeaderName::from_bytes(format!("x-header-{index:03}").as_bytes()).unwrap(),
-                HeaderValue::from_str(&value).unwrap(),
+                HeaderName::from_bytes(format!("x-header-{index:03}").as_bytes())
+                    .expect("test input"),
+                HeaderValue::from_str(&value).expect("test input"),
             );
         }
         let body = "b".repeat(50_000);
         for maximum in [2_000, 10_000, MAXIMUM_RECORD_BYTES] {
             let mut exchange = Exchange::new(capture(body.as_bytes(), None), capture(b"{}", None));
             exchange.request_headers = headers.clone();
-            exchange.response.as_mut().unwrap().0 = headers.clone();
+            exchange.response.as_mut().expect("test input").0 = headers.clone();
             exchange.trailers = Some(header_map(&[("grpc-status", "0")]));
             let (_, record) = exchange.record(&Redaction::default(), maximum);
             let request = &record["request"];
             assert_eq!(request["headers_truncated"], true);
-            let kept = request["headers"].as_object().unwrap();
+            let kept = request["headers"].as_object().expect("test input");
             assert!(kept.len() < 200);
             for kept_value in kept.values() {
-                let kept_value = kept_value.as_str().unwrap();
+                let kept_value = kept_value.as_str().expect("test input");
                 assert!(kept_value.ends_with(CUT_MARKER));
                 assert_eq!(kept_value.len(), 1024 + CUT_MARKER.len());
             }
@@ -2205,7 +2208,7 @@ mod tests {
             assert_eq!(record["response"]["body"]["inline"], json!({}));
             if maximum == MAXIMUM_RECORD_BYTES {
                 assert!(kept.len() > 10);
-                let inline = request["body"]["inline"].as_str().unwrap();
+                let inline = request["body"]["inline"].as_str().expect("test input");
                 assert!(inline.len() > 10_000, "{}", inline.len());
             }
         }
@@ -2223,7 +2226,7 @@ mod tests {
 
     #[test]
     fn redacted_headers_never_appear() {
-        let redaction = Redaction::new(&["X-Customer-Token".to_owned()], &[]).unwrap();
+        let redaction = Redaction::new(&["X-Customer-Token".to_owned()], &[]).expect("test input");
         let mut exchange = Exchange::new(capture(b"{}", None), empty());
         exchange.request_headers = header_map(&[
             ("authorization", "Bearer SECRET-A"),
@@ -2236,7 +2239,7 @@ mod tests {
             ("x-customer-token", "SECRET-H"),
             ("accept", "text/plain"),
         ]);
-        let (headers, body) = exchange.response.take().unwrap();
+        let (headers, body) = exchange.response.take().expect("test input");
         let mut headers = headers;
         headers.append("set-cookie", HeaderValue::from_static("s=SECRET-I"));
         headers.append("set-cookie", HeaderValue::from_static("t=SECRET-J"));
@@ -2258,7 +2261,8 @@ mod tests {
     }
 
     fn path_redaction() -> Redaction {
-        Redaction::new(&[], &["$.rows[*].ssn".to_owned(), "$.password".to_owned()]).unwrap()
+        Redaction::new(&[], &["$.rows[*].ssn".to_owned(), "$.password".to_owned()])
+            .expect("test input")
     }
 
     #[test]
@@ -2306,7 +2310,7 @@ mod tests {
         let (_, record) = exchange.record(&path_redaction(), MAXIMUM_RECORD_BYTES);
         let request_body = &record["request"]["body"];
         assert_eq!(request_body["encoding"], "base64");
-        let decoded = base64_decode(request_body["inline"].as_str().unwrap());
+        let decoded = base64_decode(request_body["inline"].as_str().expect("test input"));
         assert!(!contains(&decoded, "SECRET"));
     }
 
@@ -2353,8 +2357,14 @@ mod tests {
         // Two big bodies get half each.
         let exchange = Exchange::new(capture(big.as_bytes(), None), capture(big.as_bytes(), None));
         let (_, record) = exchange.record(&Redaction::default(), 20_000);
-        let request_length = record["request"]["body"]["inline"].as_str().unwrap().len();
-        let response_length = record["response"]["body"]["inline"].as_str().unwrap().len();
+        let request_length = record["request"]["body"]["inline"]
+            .as_str()
+            .expect("test input")
+            .len();
+        let response_length = record["response"]["body"]["inline"]
+            .as_str()
+            .expect("test input")
+            .len();
         assert!(
             request_length.abs_diff(response_length) <= 1,
             "{request_length} {response_length}"
@@ -2382,7 +2392,7 @@ mod tests {
             let bytes = assemble(&exchange.input(), &Redaction::default(), maximum);
             assert!(bytes.len() <= maximum, "{} > {maximum}", bytes.len());
             if maximum >= 2 {
-                let record: Value = serde_json::from_slice(&bytes).unwrap();
+                let record: Value = serde_json::from_slice(&bytes).expect("test input");
                 if maximum >= 100 {
                     assert_eq!(record["schema"], SCHEMA);
                     assert_eq!(record["record_truncated"], true, "{maximum}");
@@ -2424,14 +2434,15 @@ mod tests {
                 })
                 .collect();
             let maximum = 1_000 + (next() % 64_537) as usize;
-            let [request_body, response_body] = <[BodyCapture; 2]>::try_from(bodies).unwrap();
+            let [request_body, response_body] =
+                <[BodyCapture; 2]>::try_from(bodies).expect("test input");
             let mut exchange = Exchange::new(request_body, response_body);
             let header_count = next() % 40;
             for index in 0..header_count {
                 let length = (next() % 3_000) as usize;
                 exchange.request_headers.append(
-                    HeaderName::from_bytes(format!("x-h{index}").as_bytes()).unwrap(),
-                    HeaderValue::from_str(&"v".repeat(length)).unwrap(),
+                    HeaderName::from_bytes(format!("x-h{index}").as_bytes()).expect("test input"),
+                    HeaderValue::from_str(&"v".repeat(length)).expect("test input"),
                 );
             }
             let (_, record) = exchange.record(&Redaction::default(), maximum);
@@ -2439,7 +2450,7 @@ mod tests {
                 (&record["request"]["body"], &exchange.request_body),
                 (
                     &record["response"]["body"],
-                    &exchange.response.as_ref().unwrap().1,
+                    &exchange.response.as_ref().expect("test input").1,
                 ),
             ];
             for (body, body_capture) in bodies {
@@ -2447,18 +2458,23 @@ mod tests {
                 assert_eq!(body["size"], body_capture.size, "{context}");
                 assert_eq!(
                     body["sha256"],
-                    lowercase_hex(&body_capture.sha256.unwrap()),
+                    lowercase_hex(&body_capture.sha256.expect("test input")),
                     "{context}"
                 );
-                let inline_bytes = match body["encoding"].as_str().unwrap() {
+                let inline_bytes = match body["encoding"].as_str().expect("test input") {
                     "json" => {
-                        let parsed: Value = serde_json::from_slice(&body_capture.prefix).unwrap();
+                        let parsed: Value =
+                            serde_json::from_slice(&body_capture.prefix).expect("test input");
                         assert_eq!(body["inline"], parsed, "{context}");
                         assert_eq!(body["truncated"], false, "{context}");
                         continue;
                     }
-                    "utf8" => body["inline"].as_str().unwrap().as_bytes().to_vec(),
-                    "base64" => base64_decode(body["inline"].as_str().unwrap()),
+                    "utf8" => body["inline"]
+                        .as_str()
+                        .expect("test input")
+                        .as_bytes()
+                        .to_vec(),
+                    "base64" => base64_decode(body["inline"].as_str().expect("test input")),
                     other => panic!("{context}: encoding {other}"),
                 };
                 assert!(body_capture.prefix.starts_with(&inline_bytes), "{context}");
@@ -2472,8 +2488,8 @@ mod tests {
     /// no secret, nor a piece of one, is ever recorded.
     #[test]
     fn property_configured_fields_never_leak() {
-        let redaction =
-            Redaction::new(&[], &["$[*].password".to_owned(), "$[*].x.pin".to_owned()]).unwrap();
+        let redaction = Redaction::new(&[], &["$[*].password".to_owned(), "$[*].x.pin".to_owned()])
+            .expect("test input");
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move || {
             state = xorshift(state);
@@ -2504,7 +2520,7 @@ mod tests {
             for part in ["request", "response"] {
                 let body = &record[part]["body"];
                 let inline = match body["encoding"].as_str() {
-                    Some("base64") => base64_decode(body["inline"].as_str().unwrap()),
+                    Some("base64") => base64_decode(body["inline"].as_str().expect("test input")),
                     _ => body["inline"].to_string().into_bytes(),
                 };
                 for secret in ["SEC", "9753", "1864"] {
@@ -2538,7 +2554,8 @@ mod tests {
                 while text.len() < size {
                     let piece = PIECES[(next() % PIECES.len() as u64) as usize];
                     text.push_str(
-                        &serde_json::to_string(&piece.repeat(1 + (next() % 20) as usize)).unwrap(),
+                        &serde_json::to_string(&piece.repeat(1 + (next() % 20) as usize))
+                            .expect("test input"),
                     );
                     text.push_str(if next().is_multiple_of(3) {
                         ",\n "
@@ -2571,7 +2588,7 @@ mod tests {
         assert_eq!(request_body["truncated"], false);
         assert_eq!(
             request_body["inline"],
-            serde_json::from_str::<Value>(body).unwrap()
+            serde_json::from_str::<Value>(body).expect("test input")
         );
         // Compact JSON is copied as it is.
         let exchange = Exchange::new(capture(compact.as_bytes(), None), empty());
@@ -2685,9 +2702,9 @@ mod tests {
                 // A valid document, maybe broken by one token.
                 let value = random_json(&mut next, 0);
                 text = if next().is_multiple_of(2) {
-                    serde_json::to_string_pretty(&value).unwrap()
+                    serde_json::to_string_pretty(&value).expect("test input")
                 } else {
-                    serde_json::to_string(&value).unwrap()
+                    serde_json::to_string(&value).expect("test input")
                 };
                 if next().is_multiple_of(3) {
                     let mut at = (next() % (text.len() as u64 + 1)) as usize;
@@ -2711,7 +2728,10 @@ mod tests {
             if let Some(compact) = compact_common_json(&text) {
                 accepted += 1;
                 let parsed = parsed.unwrap_or_else(|error| panic!("{text:?}: {error}"));
-                assert_eq!(serde_json::from_str::<Value>(&compact).unwrap(), parsed);
+                assert_eq!(
+                    serde_json::from_str::<Value>(&compact).expect("test input"),
+                    parsed
+                );
                 assert_eq!(compact, strip_insignificant_whitespace(&text));
                 assert!(!compact.contains(['\n', '\r']), "{compact:?}");
             }
@@ -2762,7 +2782,11 @@ mod tests {
         for text in &texts {
             let mut written = Vec::new();
             write_string(&mut written, text);
-            assert_eq!(written, serde_json::to_vec(text).unwrap(), "{text:?}");
+            assert_eq!(
+                written,
+                serde_json::to_vec(text).expect("test input"),
+                "{text:?}"
+            );
             assert_eq!(escaped_len(text) + 2, written.len(), "{text:?}");
         }
     }
@@ -2783,7 +2807,10 @@ mod tests {
             f64::INFINITY,
             f64::NEG_INFINITY,
         ] {
-            assert_eq!(json_float(value), serde_json::to_string(&value).unwrap());
+            assert_eq!(
+                json_float(value),
+                serde_json::to_string(&value).expect("test input")
+            );
         }
         for value in [0, 7, 10, 99, 100, 12_345, u64::from(u32::MAX), u64::MAX] {
             let mut written = Vec::new();
@@ -2794,7 +2821,8 @@ mod tests {
 
     #[test]
     fn assemble_into_reuses_its_buffer() {
-        let body = serde_json::to_vec(&json!({"features": [1, 2, 3], "id": "x"})).unwrap();
+        let body =
+            serde_json::to_vec(&json!({"features": [1, 2, 3], "id": "x"})).expect("test input");
         let exchange = Exchange::new(capture(&body, None), capture(b"{\"score\":0.5}", None));
         let input = exchange.input();
         let mut buffer = b"left over".to_vec();

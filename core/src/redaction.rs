@@ -484,7 +484,6 @@ fn unescape_json_string(raw: &[u8]) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::json;
 
@@ -492,7 +491,7 @@ mod tests {
 
     fn redaction(paths: &[&str]) -> Redaction {
         let paths: Vec<String> = paths.iter().map(|path| (*path).to_owned()).collect();
-        Redaction::new(&[], &paths).unwrap()
+        Redaction::new(&[], &paths).expect("test input")
     }
 
     #[test]
@@ -513,7 +512,7 @@ mod tests {
             &["X-Customer-Token".to_owned(), " x-other ".to_owned()],
             &[],
         )
-        .unwrap();
+        .expect("test input");
         assert!(redaction.is_redacted_header(&HeaderName::from_static("x-customer-token")));
         assert!(redaction.is_redacted_header(&HeaderName::from_static("x-other")));
         assert!(redaction.is_redacted_header(&HeaderName::from_static("cookie")));
@@ -534,7 +533,7 @@ mod tests {
 
     #[test]
     fn paths_parse() {
-        let parse = |path: &str| JsonPath::parse(path).unwrap().segments;
+        let parse = |path: &str| JsonPath::parse(path).expect("test input").segments;
         use PathSegment::*;
         let field = |name: &str| Field(name.to_owned());
         assert_eq!(parse("$.password"), vec![field("password")]);
@@ -657,7 +656,7 @@ mod tests {
             "data":[{"ssn":"[redacted]"},{"ssn": "[redacted]"}], "card": "[redacted]", "keep": "email"}"#
         );
         // The result is still JSON.
-        serde_json::from_str::<Value>(&redacted).unwrap();
+        serde_json::from_str::<Value>(&redacted).expect("test input");
     }
 
     #[test]
@@ -779,7 +778,7 @@ mod tests {
                     _ => json!({ key: value, "x": [key] }),
                 };
             }
-            let text = serde_json::to_string(&value).unwrap();
+            let text = serde_json::to_string(&value).expect("test input");
             if !redaction.mentions_configured_field(text.as_bytes()) {
                 unmentioned += 1;
                 let mut redacted = value.clone();
