@@ -521,7 +521,7 @@ mod tests {
 
     #[test]
     fn invalid_header_name_is_an_error() {
-        let error = Redaction::new(&["bad header".to_owned()], &[]).unwrap_err();
+        let error = Redaction::new(&["bad header".to_owned()], &[]).expect_err("test input");
         assert_eq!(
             error,
             RedactionError::InvalidHeaderName {
@@ -590,7 +590,7 @@ mod tests {
             }
         }
         let message = Redaction::new(&[], &["$.a[".to_owned()])
-            .unwrap_err()
+            .expect_err("test input")
             .to_string();
         assert!(
             message.contains("\"$.a[\"") && message.contains("expected"),
