@@ -90,10 +90,6 @@ impl Proxy {
         &self.upstream
     }
 
-    pub fn settings(&self) -> &ProxySettings {
-        &self.settings
-    }
-
     /// Handles one request from start to finish. Never fails: errors become answers. When the
     /// exchange is captured, both bodies go through a tee and the exchange is recorded when the
     /// response body ends (or the client goes away).
