@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod client;
+pub mod deploy;
 pub mod harness;
 pub mod metrics;
 pub mod process;

@@ -100,14 +100,34 @@ impl ScoretapBuilder {
     }
 
     /// Start with fresh free ports for the listener and the admin listener.
+    /// Start on fresh ports. A free port found by binding port 0 can be taken again (by another
+    /// test's listener or an outgoing connection's source port) before scoretap binds it; when
+    /// scoretap reports exactly that, it is started again on other ports.
     pub async fn start(self) -> Scoretap {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        self.start_with_addrs(listen, admin).await
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            let mut p = self.spawn_with_addrs(listen, admin);
+            let limit = self.ready_timeout.unwrap_or(Duration::from_secs(20));
+            if p.wait_healthy_or_port_taken(limit, attempt < ATTEMPTS)
+                .await
+            {
+                return p;
+            }
+        }
+        unreachable!("the last attempt panics instead of retrying")
     }
 
     /// Start with the given addresses (passed as flags unless disabled) and wait for /healthz.
     pub async fn start_with_addrs(self, listen: SocketAddr, admin: SocketAddr) -> Scoretap {
+        let mut p = self.spawn_with_addrs(listen, admin);
+        p.wait_healthy(self.ready_timeout.unwrap_or(Duration::from_secs(20)))
+            .await;
+        p
+    }
+
+    fn spawn_with_addrs(&self, listen: SocketAddr, admin: SocketAddr) -> Scoretap {
         let mut args = Vec::new();
         let explicit_run = self.args.first().is_some_and(|a| a == "run");
         if explicit_run {
@@ -122,10 +142,7 @@ impl ScoretapBuilder {
             args.push(admin.to_string());
         }
         args.extend(self.args.iter().skip(usize::from(explicit_run)).cloned());
-        let mut p = Scoretap::spawn(&args, &self.envs, listen, admin, self.pipe_stdout);
-        p.wait_healthy(self.ready_timeout.unwrap_or(Duration::from_secs(20)))
-            .await;
-        p
+        Scoretap::spawn(&args, &self.envs, listen, admin, self.pipe_stdout)
     }
 }
 
@@ -249,9 +266,26 @@ impl Scoretap {
     }
 
     async fn wait_healthy(&mut self, limit: Duration) {
+        self.wait_healthy_or_port_taken(limit, false).await;
+    }
+
+    /// Waits for /healthz. Returns false (instead of panicking) when `retry_on_port_taken` is set
+    /// and scoretap exited because one of its ports was taken in the meantime.
+    async fn wait_healthy_or_port_taken(
+        &mut self,
+        limit: Duration,
+        retry_on_port_taken: bool,
+    ) -> bool {
         let start = Instant::now();
         loop {
             if let Some(st) = self.try_exit() {
+                let stderr = self.stderr_tail();
+                if retry_on_port_taken
+                    && stderr.contains("cannot listen on")
+                    && stderr.contains("Address already in use")
+                {
+                    return false;
+                }
                 panic!(
                     "scoretap exited during startup with {st}; args {:?}\n--- stderr ---\n{}",
                     self.args,
@@ -261,7 +295,7 @@ impl Scoretap {
             if let Some((200, _)) = try_get(self.admin, "/healthz").await {
                 // The proxy listener should be accepting too.
                 if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                    return;
+                    return true;
                 }
             }
             if start.elapsed() > limit {
