@@ -54,12 +54,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         None
     };
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        let named: Vec<HeaderName> = list_elements(headers, header::CONNECTION)
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(&name);
@@ -83,29 +79,29 @@ pub fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
         && connection_has_option(headers, "upgrade")
 }
 
-/// Whether a `Connection` line of the message lists the option (case-insensitively).
-fn connection_has_option(headers: &HeaderMap, option: &str) -> bool {
+/// The elements of a comma-separated list field over all its lines, trimmed (RFC 9110 §5.6.1).
+fn list_elements(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
-        .get_all(header::CONNECTION)
-        .iter()
+        .get_all(name)
+        .into_iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(option))
+        .map(str::trim)
+}
+
+/// Whether a `Connection` line of the message lists the option (case-insensitively).
+fn connection_has_option(headers: &HeaderMap, option: &str) -> bool {
+    list_elements(headers, header::CONNECTION).any(|token| token.eq_ignore_ascii_case(option))
 }
 
 /// Whether the client declared that it accepts trailer fields (`TE: trailers`, RFC 9110 §10.1.4).
 pub fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| {
-            token
-                .split(';')
-                .next()
-                .is_some_and(|name| name.trim().eq_ignore_ascii_case("trailers"))
-        })
+    list_elements(headers, header::TE).any(|element| {
+        element
+            .split(';')
+            .next()
+            .is_some_and(|name| name.trim().eq_ignore_ascii_case("trailers"))
+    })
 }
 
 /// The correlation id of a request: the client's `x-request-id` when it is a sensible value,

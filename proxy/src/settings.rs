@@ -752,9 +752,9 @@ fn parse_forwarded_mode(text: &str) -> Result<ForwardedMode, String> {
 }
 
 fn parse_networks(text: &str) -> Result<Networks, String> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|part| !part.is_empty())
+    parse_list(text)?
+        .0
+        .into_iter()
         .map(|part| {
             part.parse::<IpNet>()
                 .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from))
