@@ -230,6 +230,12 @@ impl AdminState {
                     r#"{"error":"not_queryable","message":"records go to stdout; use a file store to query them"}"#,
                 )
             }
+            Some(StoreLocation::S3 { .. } | StoreLocation::Azure { .. }) => {
+                return json(
+                    StatusCode::CONFLICT,
+                    r#"{"error":"not_queryable","message":"records go to a remote store; read them with `scoretap traces --store URL`"}"#,
+                )
+            }
             None => {
                 return json(
                     StatusCode::CONFLICT,

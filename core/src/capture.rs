@@ -393,6 +393,12 @@ impl CaptureRuntime {
                     settings.trace_file_bytes,
                 ))
             }
+            remote => {
+                return Err(std::io::Error::other(format!(
+                    "the store {} is not supported yet",
+                    remote.url()
+                )))
+            }
         };
         let stop = Arc::new(AtomicBool::new(false));
         let collector = crate::collector::spawn(

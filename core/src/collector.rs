@@ -73,7 +73,7 @@ pub fn spawn(
 
 /// One body as the collector assembles it.
 struct BodyState {
-    digest: ring::digest::Context,
+    digest: aws_lc_rs::digest::Context,
     prefix: Vec<u8>,
     /// Bytes received from the ring.
     received: u64,
@@ -96,7 +96,7 @@ impl std::fmt::Debug for BodyState {
 impl BodyState {
     fn new(excluded: Option<&'static str>) -> Self {
         Self {
-            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            digest: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
             prefix: Vec::new(),
             received: 0,
             end: None,

@@ -33,6 +33,7 @@ pub mod returnable;
 pub mod ring;
 pub mod server;
 pub mod sink;
+pub mod storage;
 pub mod tee;
 pub mod tls;
 pub mod upstream;

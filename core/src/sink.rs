@@ -7,26 +7,61 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// A store named by one URL.
+/// A store named by one URL (shared README §3): `blob` pointers use the same schemes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     /// Records on standard output.
     Stdout,
     /// A local directory (the embedded default).
     Directory(PathBuf),
+    /// An S3-compatible bucket, with a key prefix (empty or ending in `/`).
+    S3 { bucket: String, prefix: String },
+    /// An Azure Blob container, with a key prefix (empty or ending in `/`).
+    Azure { container: String, prefix: String },
 }
 
 /// A store URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("expected stdout, file:///DIR or a directory path; got '{0}'")]
+#[error("expected stdout, file:///DIR, a directory path, s3://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]; got '{0}'")]
 pub struct StoreLocationError(String);
 
 impl StoreLocation {
-    /// Parses `stdout`, `file:///abs/dir`, `file://./relative`, `file:dir` or a plain path.
+    /// Parses `stdout`, `file:///abs/dir`, `file://./relative`, `file:dir`, a plain path,
+    /// `s3://bucket/prefix` or `az://container/prefix`.
     pub fn parse(text: &str) -> Result<Self, StoreLocationError> {
         let text = text.trim();
         if text == "stdout" || text == "-" {
             return Ok(StoreLocation::Stdout);
+        }
+        for (scheme, azure) in [("s3://", false), ("az://", true)] {
+            if let Some(rest) = text.strip_prefix(scheme) {
+                let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let prefix = prefix.trim_matches('/');
+                let valid_name = name.len() >= 3
+                    && name
+                        .bytes()
+                        .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
+                if !valid_name {
+                    return Err(StoreLocationError(text.to_owned()));
+                }
+                let prefix = if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!("{prefix}/")
+                };
+                let name = name.to_owned();
+                return Ok(if azure {
+                    StoreLocation::Azure {
+                        container: name,
+                        prefix,
+                    }
+                } else {
+                    StoreLocation::S3 {
+                        bucket: name,
+                        prefix,
+                    }
+                });
+            }
         }
         let path = match text.strip_prefix("file://") {
             Some(rest) => rest,
@@ -42,14 +77,44 @@ impl StoreLocation {
         Ok(StoreLocation::Directory(PathBuf::from(path)))
     }
 
-    /// The URL form, as `blob` pointers and logs show it.
+    /// The URL form of the store itself, as logs show it.
     pub fn url(&self) -> String {
+        self.object_url("")
+    }
+
+    /// The URL of one object of the store, as a record's `blob` shows it. `key` is relative to
+    /// the store's prefix.
+    pub fn object_url(&self, key: &str) -> String {
         match self {
             StoreLocation::Stdout => "stdout".into(),
             StoreLocation::Directory(path) => {
                 let absolute = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-                format!("file://{}", absolute.display())
+                let joined = if key.is_empty() {
+                    absolute
+                } else {
+                    absolute.join(key)
+                };
+                format!("file://{}", joined.display())
             }
+            StoreLocation::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}{key}"),
+            StoreLocation::Azure { container, prefix } => {
+                format!("az://{container}/{prefix}{key}")
+            }
+        }
+    }
+
+    /// Whether objects go to a remote store (through the local spool).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, StoreLocation::S3 { .. } | StoreLocation::Azure { .. })
+    }
+
+    /// The `sink` label of this store's dependency metrics.
+    pub fn sink_label(&self) -> &'static str {
+        match self {
+            StoreLocation::Stdout => "stdout",
+            StoreLocation::Directory(_) => "file",
+            StoreLocation::S3 { .. } => "s3",
+            StoreLocation::Azure { .. } => "azure",
         }
     }
 }
@@ -218,6 +283,28 @@ mod tests {
             Some(StoreLocation::Directory("./data".into()))
         );
         assert!(StoreLocation::parse("ftp://x/y").is_err());
+        assert_eq!(
+            StoreLocation::parse("s3://traces-bucket/team/a/").ok(),
+            Some(StoreLocation::S3 {
+                bucket: "traces-bucket".into(),
+                prefix: "team/a/".into()
+            })
+        );
+        assert_eq!(
+            StoreLocation::parse("az://scoring").ok(),
+            Some(StoreLocation::Azure {
+                container: "scoring".into(),
+                prefix: String::new()
+            })
+        );
+        assert!(StoreLocation::parse("s3://").is_err());
+        assert!(StoreLocation::parse("az://a b/x").is_err());
+        assert_eq!(
+            StoreLocation::parse("s3://bucket/p")
+                .expect("parse")
+                .object_url("bodies/x/request"),
+            "s3://bucket/p/bodies/x/request"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! TLS for both sides: the listener's certificate (with reload), and the upstream client's trust.
 //!
 //! Only TLS 1.2 and 1.3 are offered, with rustls' default (modern, AEAD-only) cipher suites and
-//! the `ring` provider set explicitly, so no process-wide provider has to be installed.
+//! the aws-lc-rs provider set explicitly, so no process-wide provider has to be installed.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -33,7 +33,7 @@ pub enum TlsError {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =

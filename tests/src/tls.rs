@@ -12,9 +12,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 
 use crate::util::TempDir;
 
-/// The ring crypto provider (no process default is installed).
+/// The aws-lc-rs crypto provider (no process default is installed).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// A CA plus one leaf (SAN: localhost, 127.0.0.1), with PEM files on disk.

@@ -1,0 +1,1 @@
+//! Remote object stores (placeholder: being written).
