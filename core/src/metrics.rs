@@ -108,6 +108,9 @@ fn status_class_index(status: StatusCode) -> usize {
         .min(STATUS_CLASSES.len() - 1)
 }
 
+/// Sinks (`sink` label) and the operation each one's writes are counted as.
+pub const STORAGE_SINKS: [(&str, &str); 3] = [("file", "write"), ("s3", "put"), ("azure", "put")];
+
 /// The storage dependency a storage metric is about.
 #[derive(Debug, Clone)]
 pub struct StorageMetrics {
@@ -130,9 +133,9 @@ pub struct Metrics {
     capture_dropped: Vec<Counter>,
     ring_bytes: Gauge,
     ring_capacity_bytes: Gauge,
-    /// The local trace files (`sink="file"`).
-    pub file_storage: StorageMetrics,
-    spill_bytes: Counter,
+    /// Per sink of [`STORAGE_SINKS`], in that order.
+    storage: Vec<StorageMetrics>,
+    spill_bytes: Vec<Counter>,
     spool_bytes: Gauge,
 }
 
@@ -202,7 +205,6 @@ impl Metrics {
                 ));
             }
         }
-        let file = [("sink", "file"), ("operation", "write")];
         let metrics = Self {
             requests,
             request_duration: histogram(names::REQUEST_DURATION, &[]),
@@ -227,24 +229,62 @@ impl Metrics {
                 .collect(),
             ring_bytes: gauge(names::RING_BYTES),
             ring_capacity_bytes: gauge(names::RING_CAPACITY_BYTES),
-            file_storage: StorageMetrics {
-                write_ok: counter(
-                    names::STORAGE_REQUESTS,
-                    &[file[0], file[1], ("result", "ok")],
-                ),
-                write_error: counter(
-                    names::STORAGE_REQUESTS,
-                    &[file[0], file[1], ("result", "error")],
-                ),
-                write_duration: histogram(names::STORAGE_DURATION, &file),
-            },
-            spill_bytes: counter(names::SPILL_BYTES, &[("sink", "file")]),
+            storage: STORAGE_SINKS
+                .iter()
+                .map(|(sink, operation)| StorageMetrics {
+                    write_ok: counter(
+                        names::STORAGE_REQUESTS,
+                        &[("sink", sink), ("operation", operation), ("result", "ok")],
+                    ),
+                    write_error: counter(
+                        names::STORAGE_REQUESTS,
+                        &[
+                            ("sink", sink),
+                            ("operation", operation),
+                            ("result", "error"),
+                        ],
+                    ),
+                    write_duration: histogram(
+                        names::STORAGE_DURATION,
+                        &[("sink", sink), ("operation", operation)],
+                    ),
+                })
+                .collect(),
+            spill_bytes: STORAGE_SINKS
+                .iter()
+                .map(|(sink, _)| counter(names::SPILL_BYTES, &[("sink", sink)]))
+                .collect(),
             spool_bytes: gauge(names::SPOOL_BYTES),
         };
         // Series that only ever move later still show from the first scrape.
-        metrics.spill_bytes.absolute(0);
+        for counter in &metrics.spill_bytes {
+            counter.absolute(0);
+        }
         metrics.spool_bytes.set(0.0);
         metrics
+    }
+
+    /// The storage metrics of a sink (`file`, `s3`, `azure`); the file sink's for others.
+    pub fn storage(&self, sink: &str) -> StorageMetrics {
+        let index = STORAGE_SINKS
+            .iter()
+            .position(|(name, _)| *name == sink)
+            .unwrap_or(0);
+        self.storage[index].clone()
+    }
+
+    /// The spilled-bytes counter of a sink (`file`, `s3`, `azure`).
+    pub fn spill_bytes(&self, sink: &str) -> Counter {
+        let index = STORAGE_SINKS
+            .iter()
+            .position(|(name, _)| *name == sink)
+            .unwrap_or(0);
+        self.spill_bytes[index].clone()
+    }
+
+    /// Bytes waiting in the spool (set before each scrape).
+    pub fn observe_spool(&self, bytes: u64) {
+        self.spool_bytes.set(bytes as f64);
     }
 
     /// An exchange ended: counts it and records its duration.

@@ -53,10 +53,17 @@ impl StatusFilter {
     }
 }
 
-/// All trace files under `root`, newest first (by their hour directory, then name).
-fn trace_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The directory part of a trace key template before its first field (`traces/` by default):
+/// where batches are looked for.
+pub fn template_directory(template: &str) -> &str {
+    let fixed = template.split('{').next().unwrap_or_default();
+    fixed.rfind('/').map_or("", |end| &fixed[..=end])
+}
+
+/// All trace files under `root`'s `directory`, newest first (by their path, then time).
+fn trace_files(root: &Path, directory: &str) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    let traces = root.join("traces");
+    let traces = root.join(directory);
     if !traces.is_dir() {
         return Ok(files);
     }
@@ -67,10 +74,7 @@ fn trace_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
             let path = entry.path();
             if entry.file_type()?.is_dir() {
                 stack.push(path);
-            } else if path
-                .extension()
-                .is_some_and(|extension| extension == "jsonl")
-            {
+            } else if is_trace_batch(&path.to_string_lossy()) {
                 files.push(path);
             }
         }
@@ -93,53 +97,125 @@ fn trace_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Finds records in a local store, newest first.
-pub fn query_directory(root: &Path, query: &TraceQuery) -> std::io::Result<Vec<String>> {
-    let since = query
-        .since
-        .map(|since| humantime::format_rfc3339_micros(SystemTime::now() - since).to_string());
-    let mut found = Vec::new();
-    if query.limit == 0 {
-        return Ok(found);
+/// Whether a file or object name is a trace batch (`.jsonl` or `.jsonl.gz`).
+fn is_trace_batch(name: &str) -> bool {
+    name.ends_with(".jsonl") || name.ends_with(".jsonl.gz")
+}
+
+/// The text of a batch, gunzipped when its name says so.
+fn batch_text(name: &str, bytes: Vec<u8>) -> std::io::Result<String> {
+    if name.ends_with(".gz") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)?;
+        Ok(text)
+    } else {
+        String::from_utf8(bytes)
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
     }
-    for file in trace_files(root)? {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(error),
-        };
+}
+
+/// A query being answered: the filters, prepared once, and what was found.
+struct Search<'q> {
+    query: &'q TraceQuery,
+    since: Option<String>,
+    found: Vec<String>,
+}
+
+impl<'q> Search<'q> {
+    fn new(query: &'q TraceQuery) -> Self {
+        Self {
+            query,
+            since: query.since.map(|since| {
+                humantime::format_rfc3339_micros(SystemTime::now() - since).to_string()
+            }),
+            found: Vec::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.found.len() >= self.query.limit
+    }
+
+    /// Takes the matching lines of one batch, newest (last) first.
+    fn scan(&mut self, text: &str) {
         for line in text.lines().rev() {
+            if self.done() {
+                return;
+            }
             if line.is_empty() {
                 continue;
             }
-            if let Some(needle) = &query.contains {
+            if let Some(needle) = &self.query.contains {
                 if !line.contains(needle.as_str()) {
                     continue;
                 }
             }
-            if since.is_some() || query.status.is_some() {
+            if self.since.is_some() || self.query.status.is_some() {
                 let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue;
                 };
-                if let Some(since) = &since {
+                if let Some(since) = &self.since {
                     let started = record["started_at"].as_str().unwrap_or_default();
                     if started < since.as_str() {
                         continue;
                     }
                 }
-                if let Some(status) = query.status {
+                if let Some(status) = self.query.status {
                     if !status.matches(record["response"]["status"].as_u64()) {
                         continue;
                     }
                 }
             }
-            found.push(line.to_owned());
-            if found.len() >= query.limit {
-                return Ok(found);
-            }
+            self.found.push(line.to_owned());
         }
     }
-    Ok(found)
+}
+
+/// Finds records in a local store, newest first. `directory` is where batches are, relative to
+/// `root` (see [`template_directory`]).
+pub fn query_directory(
+    root: &Path,
+    directory: &str,
+    query: &TraceQuery,
+) -> std::io::Result<Vec<String>> {
+    let mut search = Search::new(query);
+    for file in trace_files(root, directory)? {
+        if search.done() {
+            break;
+        }
+        let bytes = match std::fs::read(&file) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error),
+        };
+        search.scan(&batch_text(&file.to_string_lossy(), bytes)?);
+    }
+    Ok(search.found)
+}
+
+/// Finds records in a remote store, newest first: lists the batches under `prefix` (the trace
+/// key template's fixed start, e.g. `traces/`), newest key first, and reads them until enough
+/// records are found.
+pub async fn query_remote(
+    store: &crate::storage::remote::RemoteStore,
+    prefix: &str,
+    query: &TraceQuery,
+) -> Result<Vec<String>, crate::storage::remote::StorageError> {
+    let mut search = Search::new(query);
+    let mut objects = store.list(prefix).await?;
+    objects.retain(|object| is_trace_batch(&object.key));
+    objects.sort_by(|left, right| right.key.cmp(&left.key));
+    for object in objects {
+        if search.done() {
+            break;
+        }
+        let bytes = store.get(&object.key).await?;
+        match batch_text(&object.key, bytes.to_vec()) {
+            Ok(text) => search.scan(&text),
+            Err(error) => tracing::warn!("{} is not a readable batch: {error}", object.key),
+        }
+    }
+    Ok(search.found)
 }
 
 #[cfg(test)]
@@ -170,6 +246,7 @@ mod tests {
         .expect("write");
         let all = query_directory(
             &root,
+            "traces/",
             &TraceQuery {
                 limit: 10,
                 ..TraceQuery::default()
@@ -180,6 +257,7 @@ mod tests {
         assert!(all[0].contains("\"n\":2"), "newest first");
         let failing = query_directory(
             &root,
+            "traces/",
             &TraceQuery {
                 limit: 10,
                 status: Some(StatusFilter::Class(5)),
@@ -191,6 +269,7 @@ mod tests {
         assert_eq!(failing.len(), 1);
         let contains = query_directory(
             &root,
+            "traces/",
             &TraceQuery {
                 limit: 10,
                 contains: Some("input".into()),

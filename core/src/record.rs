@@ -467,7 +467,7 @@ fn split_body_budget(
 
 /// RFC 3339 UTC with microseconds; times humantime cannot format (before 1970, after 9999)
 /// are clamped.
-fn format_started_at(started_at: SystemTime) -> String {
+pub fn format_started_at(started_at: SystemTime) -> String {
     const LAST_FORMATTABLE: Duration = Duration::new(253_402_300_799, 999_999_999);
     let since_epoch = started_at
         .duration_since(UNIX_EPOCH)

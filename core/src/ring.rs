@@ -152,13 +152,19 @@ pub enum DropReason {
     RingFullBytes,
     /// The collector has stopped.
     CollectorStopped,
+    /// The spool's disk budget was spent (a remote store is down or slow).
+    SpoolFull,
+    /// Writing locally failed (disk full, permissions, too many open files).
+    StorageError,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::RingFullSlots,
         DropReason::RingFullBytes,
         DropReason::CollectorStopped,
+        DropReason::SpoolFull,
+        DropReason::StorageError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -166,6 +172,8 @@ impl DropReason {
             DropReason::RingFullSlots => "ring_full_slots",
             DropReason::RingFullBytes => "ring_full_bytes",
             DropReason::CollectorStopped => "collector_stopped",
+            DropReason::SpoolFull => "spool_full",
+            DropReason::StorageError => "storage_error",
         }
     }
 }
@@ -177,7 +185,7 @@ pub struct CaptureStats {
     pub record_write_failures: AtomicU64,
     /// Records written, by outcome, in the order of [`crate::metrics::OUTCOMES`].
     pub records_by_outcome: [AtomicU64; 5],
-    dropped: [AtomicU64; 3],
+    dropped: [AtomicU64; 5],
 }
 
 impl CaptureStats {

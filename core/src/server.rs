@@ -82,7 +82,7 @@ pub struct BoundServer {
     draining: Arc<AtomicBool>,
     collector: Option<CollectorStopper>,
     admin_token: Option<String>,
-    store: Option<crate::sink::StoreLocation>,
+    store: Option<(crate::sink::StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
 }
 
@@ -117,21 +117,21 @@ impl BoundServer {
         };
         let (capture, collector) = match &settings.capture {
             Some(capture) => {
-                let runtime = CaptureRuntime::start(
-                    capture,
-                    &settings.proxy.service,
-                    metrics.file_storage.clone(),
-                )
-                .map_err(StartError::Capture)?;
+                let runtime = CaptureRuntime::start(capture, &settings.proxy.service, &metrics)
+                    .map_err(StartError::Capture)?;
                 let (capture, collector) = runtime.into_parts();
                 (Some(capture), Some(collector))
             }
             None => (None, None),
         };
-        let store = settings
-            .capture
-            .as_ref()
-            .map(|capture| capture.store.clone());
+        // Where `GET /traces` reads: the store, and the batches' directory in it.
+        let store = settings.capture.as_ref().map(|capture| {
+            (
+                capture.store.clone(),
+                crate::query::template_directory(capture.storage.trace_template.as_str())
+                    .to_owned(),
+            )
+        });
         Ok(Self {
             proxy_listener,
             admin_listener,

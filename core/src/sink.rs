@@ -1,11 +1,10 @@
-//! Where records go: stdout (one JSON line each, what the seeds' scoring scripts printed), or
-//! rotating JSONL files in the store layout (shared README §3):
-//! `traces/<service>/<yyyy>/<mm>/<dd>/<HH>/<instance>-<seq>.jsonl`.
+//! Where records go: stdout (one JSON line each, what the seeds' scoring scripts printed), or a
+//! store (shared README §3) named by one URL, through [`crate::storage`].
 
-use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::path::PathBuf;
+
+use crate::storage::staging::StagingError;
 
 /// A store named by one URL (shared README §3): `blob` pointers use the same schemes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +121,17 @@ impl StoreLocation {
 /// A destination for finished records.
 pub trait TraceSink: Send {
     /// Writes one record (a JSON object without its newline).
-    fn write_record(&mut self, record: &[u8]) -> std::io::Result<()>;
+    fn write_record(&mut self, record: &[u8]) -> Result<(), StagingError>;
     /// Makes written records visible (called after each batch and when stopping).
-    fn flush(&mut self) -> std::io::Result<()>;
+    fn flush(&mut self) -> Result<(), StagingError>;
+    /// Periodic upkeep (sealing batches by age).
+    fn maintain(&mut self) -> Result<(), StagingError> {
+        Ok(())
+    }
+    /// The collector is stopping: seal what is open.
+    fn close(&mut self) -> Result<(), StagingError> {
+        self.flush()
+    }
 }
 
 /// Records on standard output, one per line.
@@ -147,120 +154,21 @@ impl Default for StdoutSink {
     }
 }
 
+fn stdout_error(source: std::io::Error) -> StagingError {
+    StagingError::Io {
+        path: PathBuf::from("stdout"),
+        source,
+    }
+}
+
 impl TraceSink for StdoutSink {
-    fn write_record(&mut self, record: &[u8]) -> std::io::Result<()> {
-        self.out.write_all(record)?;
-        self.out.write_all(b"\n")
+    fn write_record(&mut self, record: &[u8]) -> Result<(), StagingError> {
+        self.out.write_all(record).map_err(stdout_error)?;
+        self.out.write_all(b"\n").map_err(stdout_error)
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
-}
-
-/// `yyyy/mm/dd/HH` of a time, UTC.
-pub fn hour_path(time: SystemTime) -> String {
-    let text = humantime::format_rfc3339_seconds(time).to_string();
-    // 2026-11-23T17:20:45Z
-    format!(
-        "{}/{}/{}/{}",
-        &text[0..4],
-        &text[5..7],
-        &text[8..10],
-        &text[11..13]
-    )
-}
-
-/// Rotating JSONL files under `<root>/traces/<service>/<yyyy>/<mm>/<dd>/<HH>/`: a new file each
-/// hour and whenever the current one reaches its size limit.
-#[derive(Debug)]
-pub struct FileSink {
-    root: PathBuf,
-    service: String,
-    instance: String,
-    maximum_file_bytes: u64,
-    current: Option<OpenFile>,
-}
-
-#[derive(Debug)]
-struct OpenFile {
-    hour: String,
-    path: PathBuf,
-    writer: BufWriter<File>,
-    written: u64,
-}
-
-impl FileSink {
-    pub fn new(root: &Path, service: &str, instance: &str, maximum_file_bytes: u64) -> Self {
-        Self {
-            root: root.to_owned(),
-            service: service.to_owned(),
-            instance: instance.to_owned(),
-            maximum_file_bytes: maximum_file_bytes.max(1),
-            current: None,
-        }
-    }
-
-    /// The directory the traces of this sink's service go to.
-    pub fn service_directory(&self) -> PathBuf {
-        self.root.join("traces").join(&self.service)
-    }
-
-    /// The file currently written, if any.
-    pub fn current_path(&self) -> Option<&Path> {
-        self.current.as_ref().map(|file| file.path.as_path())
-    }
-
-    fn open(&self, hour: String) -> std::io::Result<OpenFile> {
-        let directory = self.service_directory().join(&hour);
-        std::fs::create_dir_all(&directory)?;
-        // A restarted instance continues after the files it already wrote this hour.
-        let mut sequence = 1u64;
-        loop {
-            let path = directory.join(format!("{}-{sequence:06}.jsonl", self.instance));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(file) => {
-                    return Ok(OpenFile {
-                        hour,
-                        path,
-                        writer: BufWriter::with_capacity(256 * 1024, file),
-                        written: 0,
-                    })
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => sequence += 1,
-                Err(error) => return Err(error),
-            }
-        }
-    }
-}
-
-impl TraceSink for FileSink {
-    fn write_record(&mut self, record: &[u8]) -> std::io::Result<()> {
-        let hour = hour_path(SystemTime::now());
-        let rotate = match &self.current {
-            Some(file) => file.hour != hour || file.written >= self.maximum_file_bytes,
-            None => true,
-        };
-        if rotate {
-            if let Some(mut previous) = self.current.take() {
-                previous.writer.flush()?;
-            }
-            self.current = Some(self.open(hour)?);
-        }
-        let Some(file) = self.current.as_mut() else {
-            return Err(std::io::Error::other("no trace file open"));
-        };
-        file.writer.write_all(record)?;
-        file.writer.write_all(b"\n")?;
-        file.written += record.len() as u64 + 1;
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self.current.as_mut() {
-            Some(file) => file.writer.flush(),
-            None => Ok(()),
-        }
+    fn flush(&mut self) -> Result<(), StagingError> {
+        self.out.flush().map_err(stdout_error)
     }
 }
 
@@ -305,30 +213,5 @@ mod tests {
                 .object_url("bodies/x/request"),
             "s3://bucket/p/bodies/x/request"
         );
-    }
-
-    #[test]
-    fn files_rotate_by_size_in_the_hour_layout() {
-        let root = std::env::temp_dir().join(format!("scoretap-sink-{}", std::process::id()));
-        let mut sink = FileSink::new(&root, "svc", "host-a", 5);
-        sink.write_record(b"{\"a\":1}").expect("write");
-        let first = sink.current_path().expect("open").to_owned();
-        sink.write_record(b"{\"a\":2}").expect("write");
-        sink.flush().expect("flush");
-        let second = sink.current_path().expect("open").to_owned();
-        assert_ne!(first, second, "rotated past 5 bytes");
-        assert!(first.ends_with("host-a-000001.jsonl"), "{first:?}");
-        assert!(second.ends_with("host-a-000002.jsonl"), "{second:?}");
-        let relative = first.strip_prefix(root.join("traces/svc")).expect("layout");
-        assert_eq!(
-            relative.components().count(),
-            5,
-            "yyyy/mm/dd/HH/file: {relative:?}"
-        );
-        assert_eq!(
-            std::fs::read_to_string(&second).expect("read"),
-            "{\"a\":2}\n"
-        );
-        std::fs::remove_dir_all(&root).ok();
     }
 }

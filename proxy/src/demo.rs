@@ -227,9 +227,9 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             buffer_slots: 4096,
             store: args.store.clone(),
             instance: "demo".into(),
-            trace_file_bytes: 64 << 20,
             redaction: Redaction::new(&[], &["$.customer.email".to_owned()])?,
             flush_interval: Duration::from_millis(50),
+            storage: scoretap_core::capture::StorageSettings::default(),
         }),
         admin_token: None,
         metrics: true,
@@ -397,7 +397,7 @@ async fn wait_for_records(
                 limit: 1,
                 ..TraceQuery::default()
             };
-            if let Ok(lines) = query_directory(root, &query) {
+            if let Ok(lines) = query_directory(root, "traces/", &query) {
                 records.extend(
                     lines
                         .iter()

@@ -39,9 +39,21 @@ enum Command {
 /// `scoretap traces`'s flags.
 #[derive(Debug, clap::Args)]
 struct TracesArgs {
-    /// The store to read, as given to `run --store` (file:///DIR or a directory)
+    /// The store to read, as given to `run --store` (file:///DIR, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX)
     #[arg(long, env = "SCORETAP_STORE", value_name = "URL", value_parser = settings::parse_store, default_value = "file://./scoretap-data")]
     store: scoretap_core::sink::StoreLocation,
+    /// Where batches are, as given to `run --trace-key-template` (its text before the first field is listed)
+    #[arg(long, env = "SCORETAP_TRACE_KEY_TEMPLATE", value_name = "TEMPLATE", default_value = scoretap_core::storage::key::DEFAULT_TRACE_TEMPLATE)]
+    trace_key_template: String,
+    /// Endpoint of an S3-compatible store (else AWS_ENDPOINT_URL, else AWS)
+    #[arg(long, env = "SCORETAP_S3_ENDPOINT", value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, the profile, or us-east-1)
+    #[arg(long, env = "SCORETAP_S3_REGION", value_name = "REGION")]
+    s3_region: Option<String>,
+    /// Azure Blob endpoint (else from AZURE_STORAGE_* variables)
+    #[arg(long, env = "SCORETAP_AZURE_ENDPOINT", value_name = "URL")]
+    azure_endpoint: Option<String>,
     /// Only records whose JSON contains this text
     #[arg(long, value_name = "TEXT")]
     contains: Option<String>,
@@ -103,17 +115,53 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn traces(args: TracesArgs) -> ExitCode {
-    let scoretap_core::sink::StoreLocation::Directory(root) = &args.store else {
-        eprintln!("error: invalid value for '--store <URL>': records sent to stdout cannot be read back; give the file store's directory");
-        return ExitCode::from(USAGE_ERROR);
-    };
+    use scoretap_core::sink::StoreLocation;
     let query = scoretap_core::query::TraceQuery {
         contains: args.contains,
         limit: args.limit,
         since: args.since,
         status: args.status,
     };
-    match scoretap_core::query::query_directory(root, &query) {
+    let result = match &args.store {
+        StoreLocation::Stdout => {
+            eprintln!("error: invalid value for '--store <URL>': records sent to stdout cannot be read back; give the store's URL");
+            return ExitCode::from(USAGE_ERROR);
+        }
+        StoreLocation::Directory(root) => scoretap_core::query::query_directory(
+            root,
+            scoretap_core::query::template_directory(&args.trace_key_template),
+            &query,
+        )
+        .map_err(|error| format!("cannot read the store {}: {error}", root.display())),
+        remote => {
+            let options = scoretap_core::storage::remote::RemoteOptions {
+                s3_force_path_style: args.s3_endpoint.is_some(),
+                s3_endpoint: args.s3_endpoint.clone(),
+                s3_region: args.s3_region.clone(),
+                azure_endpoint: args.azure_endpoint.clone(),
+                ..Default::default()
+            };
+            let prefix =
+                scoretap_core::query::template_directory(&args.trace_key_template).to_owned();
+            let store = remote.clone();
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(async move {
+                    let store =
+                        scoretap_core::storage::remote::RemoteStore::connect(&store, &options)
+                            .await
+                            .map_err(|error| error.to_string())?;
+                    scoretap_core::query::query_remote(&store, &prefix, &query)
+                        .await
+                        .map_err(|error| format!("cannot read the store: {error}"))
+                }),
+                Err(error) => Err(format!("cannot start: {error}")),
+            }
+        }
+    };
+    match result {
         Ok(lines) => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
@@ -125,7 +173,7 @@ fn traces(args: TracesArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("error: cannot read the store {}: {error}", root.display());
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }

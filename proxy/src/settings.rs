@@ -11,11 +11,19 @@ use std::time::Duration;
 use clap::Args;
 use http::Uri;
 use ipnet::IpNet;
-use scoretap_core::capture::{CaptureSelection, CaptureSettings, ContentTypePattern, PathPattern};
+use scoretap_core::capture::{
+    CaptureSelection, CaptureSettings, ContentTypePattern, PathPattern, StorageSettings,
+};
 use scoretap_core::headers::{ForwardedMode, ForwardingPolicy};
+use scoretap_core::modeldata::ModeldataColumns;
 use scoretap_core::proxy::ProxySettings;
 use scoretap_core::redaction::Redaction;
 use scoretap_core::sink::StoreLocation;
+use scoretap_core::storage::batch::BatchSettings;
+use scoretap_core::storage::key::{KeyField, KeyTemplate};
+use scoretap_core::storage::modeldata::ModeldataSettings;
+use scoretap_core::storage::remote::RemoteOptions;
+use scoretap_core::storage::uploader::UploaderSettings;
 use scoretap_core::tls::ServerCertificateFiles;
 use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
 use scoretap_core::ServerSettings;
@@ -142,6 +150,51 @@ pub struct RunArgs {
     /// Start a new trace file past this size [default: 64MiB]
     #[arg(long, env = "SCORETAP_TRACE_FILE_BYTES", value_name = "SIZE", value_parser = parse_size)]
     pub trace_file_bytes: Option<u64>,
+    /// Seal a trace batch this long after its first record [default: 60s]
+    #[arg(long, env = "SCORETAP_TRACE_BATCH_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub trace_batch_age: Option<Duration>,
+    /// Compression of sealed trace batches: none or gzip (.jsonl.gz) [default: none]
+    #[arg(long, env = "SCORETAP_TRACE_COMPRESSION", value_name = "none|gzip", value_parser = parse_compression)]
+    pub trace_compression: Option<Compression>,
+    /// Key of trace batches in the store; fields {service} {yyyy} {mm} {dd} {HH} {instance} {seq} [default: traces/{service}/{yyyy}/{mm}/{dd}/{HH}/{instance}-{seq}.jsonl]
+    #[arg(long, env = "SCORETAP_TRACE_KEY_TEMPLATE", value_name = "TEMPLATE", value_parser = parse_trace_template)]
+    pub trace_key_template: Option<KeyTemplate>,
+    /// Key of spilled bodies; fields {service} {yyyy} {mm} {dd} {HH} {instance} {trace_id} {direction} [default: bodies/{service}/{yyyy}/{mm}/{dd}/{trace_id}/{direction}]
+    #[arg(long, env = "SCORETAP_BODY_KEY_TEMPLATE", value_name = "TEMPLATE", value_parser = parse_body_template)]
+    pub body_key_template: Option<KeyTemplate>,
+    /// Store bodies larger than a record holds whole in the store (the record points at them); spilled bodies are stored as they crossed, unredacted [default: true, false with --redact-json]
+    #[arg(long, env = "SCORETAP_SPILL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub spill: Option<bool>,
+    /// Local spool of a remote store: everything is written here first, then uploaded [default: ./scoretap-spool]
+    #[arg(long, env = "SCORETAP_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Disk budget of the spool; past it new data is dropped and counted [default: 10GiB]
+    #[arg(long, env = "SCORETAP_SPOOL_MAX_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub spool_max_bytes: Option<u64>,
+    /// Uploads to a remote store in flight at once [default: 4]
+    #[arg(long, env = "SCORETAP_UPLOAD_CONCURRENCY", value_name = "COUNT", value_parser = parse_count)]
+    pub upload_concurrency: Option<usize>,
+    /// Endpoint of an S3-compatible store, e.g. http://127.0.0.1:9000 (else AWS_ENDPOINT_URL, else AWS)
+    #[arg(long, env = "SCORETAP_S3_ENDPOINT", value_name = "URL", value_parser = parse_endpoint)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, the profile, or us-east-1)
+    #[arg(long, env = "SCORETAP_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Path-style S3 addressing (bucket in the path) [default: true when an endpoint is set]
+    #[arg(long, env = "SCORETAP_S3_PATH_STYLE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub s3_path_style: Option<bool>,
+    /// Azure Blob endpoint, e.g. http://127.0.0.1:10000/devstoreaccount1 for Azurite (else from AZURE_STORAGE_* variables)
+    #[arg(long, env = "SCORETAP_AZURE_ENDPOINT", value_name = "URL", value_parser = parse_endpoint)]
+    pub azure_endpoint: Option<String>,
+    /// Also write Azure ML v1 `modeldata` CSV parts for SUBSCRIPTION/RESOURCEGROUP/WORKSPACE/WEBSERVICE/MODEL/VERSION
+    #[arg(long, env = "SCORETAP_MODELDATA", value_name = "PATH", value_parser = parse_modeldata_path)]
+    pub modeldata: Option<String>,
+    /// Column names of model inputs in the CSV (else from the JSON keys, or feature_0, feature_1, ...)
+    #[arg(long, env = "SCORETAP_MODELDATA_FEATURES", value_name = "NAMES", value_parser = parse_list)]
+    pub modeldata_features: Option<List>,
+    /// Column names of predictions in the CSV (else prediction, or prediction_0, ...)
+    #[arg(long, env = "SCORETAP_MODELDATA_PREDICTIONS", value_name = "NAMES", value_parser = parse_list)]
+    pub modeldata_predictions: Option<List>,
     /// Export Prometheus metrics at the admin's /metrics [default: true]
     #[arg(long, env = "SCORETAP_METRICS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
     pub metrics: Option<bool>,
@@ -225,6 +278,21 @@ struct FileSettings {
     admin_token: Option<String>,
     instance: Option<String>,
     trace_file_bytes: Option<FileSize>,
+    trace_batch_age: Option<String>,
+    trace_compression: Option<String>,
+    trace_key_template: Option<String>,
+    body_key_template: Option<String>,
+    spill: Option<bool>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<FileSize>,
+    upload_concurrency: Option<usize>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_path_style: Option<bool>,
+    azure_endpoint: Option<String>,
+    modeldata: Option<String>,
+    modeldata_features: Option<FileList>,
+    modeldata_predictions: Option<FileList>,
     metrics: Option<bool>,
 }
 
@@ -288,6 +356,24 @@ pub struct RunSettings {
     pub admin_token: Option<String>,
     pub instance: String,
     pub trace_file_bytes: u64,
+    #[serde(serialize_with = "serialize_duration")]
+    pub trace_batch_age: Duration,
+    pub trace_compression: Compression,
+    #[serde(serialize_with = "serialize_template")]
+    pub trace_key_template: KeyTemplate,
+    #[serde(serialize_with = "serialize_template")]
+    pub body_key_template: KeyTemplate,
+    pub spill: bool,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub upload_concurrency: usize,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_path_style: bool,
+    pub azure_endpoint: Option<String>,
+    pub modeldata: Option<String>,
+    pub modeldata_features: Option<Vec<String>>,
+    pub modeldata_predictions: Option<Vec<String>>,
     pub metrics: bool,
     #[serde(skip)]
     trusted_networks: Vec<IpNet>,
@@ -475,6 +561,67 @@ impl RunArgs {
         self.trace_file_bytes = self
             .trace_file_bytes
             .or(size("trace-file-bytes", file.trace_file_bytes)?);
+        self.trace_batch_age = self.trace_batch_age.or(from_file(
+            p,
+            "trace-batch-age",
+            file.trace_batch_age,
+            parse_duration,
+        )?);
+        self.trace_compression = self.trace_compression.or(from_file(
+            p,
+            "trace-compression",
+            file.trace_compression,
+            parse_compression,
+        )?);
+        self.trace_key_template = self.trace_key_template.or(from_file(
+            p,
+            "trace-key-template",
+            file.trace_key_template,
+            parse_trace_template,
+        )?);
+        self.body_key_template = self.body_key_template.or(from_file(
+            p,
+            "body-key-template",
+            file.body_key_template,
+            parse_body_template,
+        )?);
+        self.spill = self.spill.or(file.spill);
+        self.spool_dir = self.spool_dir.or(file.spool_dir);
+        self.spool_max_bytes = self
+            .spool_max_bytes
+            .or(size("spool-max-bytes", file.spool_max_bytes)?);
+        self.upload_concurrency = self.upload_concurrency.or(from_file(
+            p,
+            "upload-concurrency",
+            file.upload_concurrency.map(|count| count.to_string()),
+            parse_count,
+        )?);
+        self.s3_endpoint = self.s3_endpoint.or(from_file(
+            p,
+            "s3-endpoint",
+            file.s3_endpoint,
+            parse_endpoint,
+        )?);
+        self.s3_region = self.s3_region.or(file.s3_region);
+        self.s3_path_style = self.s3_path_style.or(file.s3_path_style);
+        self.azure_endpoint = self.azure_endpoint.or(from_file(
+            p,
+            "azure-endpoint",
+            file.azure_endpoint,
+            parse_endpoint,
+        )?);
+        self.modeldata = self.modeldata.or(from_file(
+            p,
+            "modeldata",
+            file.modeldata,
+            parse_modeldata_path,
+        )?);
+        self.modeldata_features = self
+            .modeldata_features
+            .or(list("modeldata-features", file.modeldata_features)?);
+        self.modeldata_predictions = self
+            .modeldata_predictions
+            .or(list("modeldata-predictions", file.modeldata_predictions)?);
         self.metrics = self.metrics.or(file.metrics);
         Ok(self)
     }
@@ -523,6 +670,10 @@ impl RunArgs {
         let trusted_networks = args.trusted_proxies.unwrap_or_default().0;
         let redact_headers = args.redact_headers.unwrap_or_default().0;
         let redact_json = args.redact_json.unwrap_or_default().0;
+        // Spilled bodies are stored exactly as they crossed (their sha256 must match), so
+        // JSON-path redaction cannot apply to them: with --redact-json, spilling is off unless
+        // asked for explicitly.
+        let spill = args.spill.unwrap_or(redact_json.is_empty());
         let redaction = Redaction::new(&redact_headers, &redact_json).map_err(|error| {
             SettingsError::Invalid(format!(
                 "invalid value for '--redact-json <PATHS>' or '--redact-headers <NAMES>': {error}"
@@ -589,6 +740,27 @@ impl RunArgs {
             admin_token: args.admin_token,
             instance: args.instance.unwrap_or_else(default_instance),
             trace_file_bytes: args.trace_file_bytes.unwrap_or(64 << 20),
+            trace_batch_age: args.trace_batch_age.unwrap_or(Duration::from_secs(60)),
+            trace_compression: args.trace_compression.unwrap_or_default(),
+            trace_key_template: args
+                .trace_key_template
+                .unwrap_or_else(|| StorageSettings::default().trace_template),
+            body_key_template: args
+                .body_key_template
+                .unwrap_or_else(|| StorageSettings::default().body_template),
+            spill,
+            spool_dir: args
+                .spool_dir
+                .unwrap_or_else(|| PathBuf::from("./scoretap-spool")),
+            spool_max_bytes: args.spool_max_bytes.unwrap_or(10 << 30),
+            upload_concurrency: args.upload_concurrency.unwrap_or(4),
+            s3_path_style: args.s3_path_style.unwrap_or(args.s3_endpoint.is_some()),
+            s3_endpoint: args.s3_endpoint,
+            s3_region: args.s3_region,
+            azure_endpoint: args.azure_endpoint,
+            modeldata: args.modeldata,
+            modeldata_features: args.modeldata_features.map(|list| list.0),
+            modeldata_predictions: args.modeldata_predictions.map(|list| list.0),
             metrics: args.metrics.unwrap_or(true),
             trusted_networks,
             redaction,
@@ -653,9 +825,38 @@ impl RunSettings {
                 buffer_slots: self.capture_buffer_slots,
                 store: self.store.clone(),
                 instance: self.instance.clone(),
-                trace_file_bytes: self.trace_file_bytes,
                 redaction: self.redaction.clone(),
                 flush_interval: Duration::from_millis(100),
+                storage: StorageSettings {
+                    batches: BatchSettings {
+                        maximum_bytes: self.trace_file_bytes,
+                        maximum_age: self.trace_batch_age,
+                        gzip: self.trace_compression == Compression::Gzip,
+                    },
+                    trace_template: self.trace_key_template.clone(),
+                    body_template: self.body_key_template.clone(),
+                    spill: self.spill,
+                    spool_directory: self.spool_dir.clone(),
+                    spool_maximum_bytes: self.spool_max_bytes,
+                    remote: RemoteOptions {
+                        s3_endpoint: self.s3_endpoint.clone(),
+                        s3_region: self.s3_region.clone(),
+                        s3_force_path_style: self.s3_path_style,
+                        azure_endpoint: self.azure_endpoint.clone(),
+                        ..RemoteOptions::default()
+                    },
+                    uploader: UploaderSettings {
+                        concurrency: self.upload_concurrency,
+                        ..UploaderSettings::default()
+                    },
+                    modeldata: self.modeldata.as_ref().map(|path| ModeldataSettings {
+                        path: path.clone(),
+                        columns: ModeldataColumns {
+                            features: self.modeldata_features.clone(),
+                            predictions: self.modeldata_predictions.clone(),
+                        },
+                    }),
+                },
             }),
             admin_token: self.admin_token.clone(),
             metrics: self.metrics,
@@ -764,6 +965,52 @@ fn parse_networks(text: &str) -> Result<Networks, String> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Networks)
+}
+
+/// How sealed trace batches are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+}
+
+fn parse_compression(text: &str) -> Result<Compression, String> {
+    match text.trim() {
+        "none" => Ok(Compression::None),
+        "gzip" => Ok(Compression::Gzip),
+        _ => Err("expected none or gzip".into()),
+    }
+}
+
+fn parse_trace_template(text: &str) -> Result<KeyTemplate, String> {
+    KeyTemplate::parse(text, &[KeyField::Sequence, KeyField::Instance])
+}
+
+fn parse_body_template(text: &str) -> Result<KeyTemplate, String> {
+    KeyTemplate::parse(text, &[KeyField::TraceId, KeyField::Direction])
+}
+
+fn parse_endpoint(text: &str) -> Result<String, String> {
+    let text = text.trim().trim_end_matches('/');
+    match text.parse::<Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
+            Ok(text.to_owned())
+        }
+        _ => Err("expected an http:// or https:// URL such as http://127.0.0.1:9000".into()),
+    }
+}
+
+fn parse_modeldata_path(text: &str) -> Result<String, String> {
+    ModeldataSettings::parse_path(text)
+}
+
+fn serialize_template<S: serde::Serializer>(
+    value: &KeyTemplate,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(value.as_str())
 }
 
 pub fn parse_store(text: &str) -> Result<StoreLocation, String> {

@@ -269,7 +269,17 @@ impl Client {
         &mut self,
         req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, hyper::Error> {
-        within(STEP, "response head", async {
+        self.send_within(req, STEP).await
+    }
+
+    /// Send a request; its response head must arrive within `limit` (long uploads answered
+    /// at their end).
+    pub async fn send_within(
+        &mut self,
+        req: Request<ReqBody>,
+        limit: Duration,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        within(limit, "response head", async {
             match &mut self.sender {
                 SenderKind::H1(s) => {
                     s.ready().await?;
