@@ -381,8 +381,8 @@ async fn modeldata_csv_has_the_azure_ml_layout_header_and_rows() {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        let expected = format!("modeldata/sub-1/rg-1/ws-1/svc-1/model-1/3/");
-        assert!(relative.starts_with(&expected), "{relative}");
+        let expected = "modeldata/sub-1/rg-1/ws-1/svc-1/model-1/3/";
+        assert!(relative.starts_with(expected), "{relative}");
         assert!(
             relative.contains(&format!("/{date}/data-{INSTANCE}-")),
             "{relative}"
