@@ -2,7 +2,7 @@
 //! upstream ([`upstream`]), a raw-socket upstream ([`raw_upstream`]), hyper clients
 //! ([`client`]), raw HTTP/1 wire helpers ([`raw`]), a test PKI ([`tls`]), readers of capture
 //! trace records ([`traces`]), a `/metrics` parser ([`metrics`]), a real Prometheus
-//! ([`prometheus`]) and utilities.
+//! ([`prometheus`]), real object stores (moto, Azurite: [`stores`]) and utilities.
 #![allow(clippy::unwrap_used)]
 
 pub mod client;
@@ -13,6 +13,7 @@ pub mod process;
 pub mod prometheus;
 pub mod raw;
 pub mod raw_upstream;
+pub mod stores;
 pub mod tls;
 pub mod traces;
 pub mod upstream;

@@ -128,7 +128,8 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// Whether the object (not the bucket or container) does not exist.
+    /// Whether the object does not exist. A missing bucket or container is not "not found"
+    /// (except for `content_type`, whose HEAD answer cannot tell them apart).
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::NotFound { .. })
     }

@@ -141,16 +141,24 @@ impl AzureStore {
         })
     }
 
-    /// Maps an object_store error: a missing object becomes [`StorageError::NotFound`].
+    /// Maps an object_store error: a missing object becomes [`StorageError::NotFound`] (a
+    /// missing container does not, except on `head`, whose 404 carries no body to tell).
     fn request_error(
         &self,
         operation: &'static str,
         key: &str,
         error: object_store::Error,
     ) -> StorageError {
-        match error {
-            object_store::Error::NotFound { .. } => self.context.not_found(operation, key),
-            other => self.context.request(operation, key, error_chain(&other)),
+        let text = error_chain(&error);
+        // A missing container is a 404 too: its error code (in a GET's body) or, in a batch
+        // delete, its reason phrase names it; a HEAD answer carries neither.
+        let missing_object = matches!(error, object_store::Error::NotFound { .. })
+            && !text.contains("ContainerNotFound")
+            && !text.contains("container does not exist");
+        if missing_object {
+            self.context.not_found(operation, key)
+        } else {
+            self.context.request(operation, key, text)
         }
     }
 
@@ -350,8 +358,11 @@ impl AzureStore {
     pub(super) async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let location = self.location("delete", key)?;
         match self.store.delete(&location).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(error) => Err(self.request_error("delete", key, error)),
+            Ok(()) => Ok(()),
+            Err(error) => match self.request_error("delete", key, error) {
+                missing if missing.is_not_found() => Ok(()),
+                other => Err(other),
+            },
         }
     }
 

@@ -24,6 +24,7 @@
 //! [`CONNECT_TIMEOUT`](super::CONNECT_TIMEOUT), each operation (all its attempts)
 //! [`RemoteOptions::request_timeout`]; the SDK's standard retry (3 attempts) stays on.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use aws_config::environment::region::EnvironmentVariableRegionProvider;
@@ -33,7 +34,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
@@ -132,9 +133,24 @@ impl S3Store {
         if missing_object {
             return self.context.not_found(operation, key);
         }
-        let mut message = DisplayErrorContext(&error).to_string();
+        // The Display chain, not `DisplayErrorContext`: that one appends the error's Debug form,
+        // which holds the whole raw response.
+        let mut message = String::new();
         if let Some(status) = status {
-            message = format!("HTTP {status}: {message}");
+            let _ = write!(message, "HTTP {status}: ");
+        }
+        message.push_str(&error_chain(&error));
+        match (
+            error.code().filter(|code| !message.contains(code)),
+            error.message(),
+        ) {
+            (Some(code), Some(text)) => {
+                let _ = write!(message, " ({code}: {text})");
+            }
+            (Some(code), None) => {
+                let _ = write!(message, " ({code})");
+            }
+            _ => {}
         }
         self.context.request(operation, key, message)
     }
