@@ -320,3 +320,51 @@ impl Client {
         }
     }
 }
+
+/// Streams `size` bytes of [`crate::util::pattern`] to `path` in 1 MiB frames, at most
+/// `bytes_per_second` when given (a model client, not a loopback flood), with `id` as its
+/// `x-request-id`; the whole response. The response head may come only after the whole upload.
+pub async fn upload_pattern(
+    client: &mut Client,
+    path: &str,
+    id: &str,
+    size: u64,
+    content_type: &str,
+    bytes_per_second: Option<u64>,
+) -> Collected {
+    let (sender, body) = channel_body();
+    let request = client
+        .req("POST", path)
+        .header("x-request-id", id)
+        .header("content-type", content_type)
+        .header("content-length", size.to_string())
+        .body(body)
+        .expect("upload request");
+    let producer = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let mut offset = 0u64;
+        while offset < size {
+            if let Some(rate) = bytes_per_second {
+                let due = Duration::from_secs_f64(offset as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let n = (size - offset).min(1 << 20) as usize;
+            if !sender
+                .data(Bytes::from(crate::util::pattern(offset, n)))
+                .await
+            {
+                break;
+            }
+            offset += n as u64;
+        }
+    });
+    let response = client
+        .send_within(request, Duration::from_secs(600))
+        .await
+        .expect("upload response");
+    let response = collect(response).await.expect("upload response body");
+    producer.await.expect("upload producer");
+    response
+}

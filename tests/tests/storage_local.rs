@@ -4,10 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde_json::Value;
 
-use scoretap_tests::client::{channel_body, full, Collected};
+use scoretap_tests::client::{full, upload_pattern, Collected};
 use scoretap_tests::harness::upstream_args;
 use scoretap_tests::process::run_cli;
 use scoretap_tests::traces::{parse_jsonl, proc_status_kib, walk, TraceRecord, TraceStore};
@@ -27,54 +26,8 @@ async fn proxy(up: &TestUpstream, store: &TraceStore, extra: &[&str]) -> Scoreta
         .await
 }
 
-/// Streams `size` pattern bytes to `path` in 1 MiB frames; the whole response.
 async fn upload(c: &mut Client, path: &str, id: &str, size: u64, content_type: &str) -> Collected {
-    upload_paced(c, path, id, size, content_type, None).await
-}
-
-/// [`upload`], at most `bytes_per_second` when given (a model client, not a loopback flood).
-async fn upload_paced(
-    c: &mut Client,
-    path: &str,
-    id: &str,
-    size: u64,
-    content_type: &str,
-    bytes_per_second: Option<u64>,
-) -> Collected {
-    let (sender, body) = channel_body();
-    let request = c
-        .req("POST", path)
-        .header("x-request-id", id)
-        .header("content-type", content_type)
-        .header("content-length", size.to_string())
-        .body(body)
-        .unwrap();
-    let producer = tokio::spawn(async move {
-        let started = Instant::now();
-        let mut offset = 0u64;
-        while offset < size {
-            if let Some(rate) = bytes_per_second {
-                let due = Duration::from_secs_f64(offset as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
-            let n = (size - offset).min(1 << 20) as usize;
-            if !sender.data(Bytes::from(pattern(offset, n))).await {
-                break;
-            }
-            offset += n as u64;
-        }
-    });
-    let response = c
-        .send_within(request, Duration::from_secs(300))
-        .await
-        .expect("upload response");
-    let response = scoretap_tests::client::collect(response)
-        .await
-        .expect("upload response body");
-    producer.await.unwrap();
-    response
+    upload_pattern(c, path, id, size, content_type, None).await
 }
 
 fn body<'r>(record: &'r TraceRecord, part: &str) -> &'r Value {
@@ -426,7 +379,7 @@ async fn memory_stays_bounded_while_a_1gib_body_is_spilled() {
     // 100 MB/s: faster than a scoring client sends, slower than the test build's collector
     // hashes and writes to this machine's disk, so capture keeps up and the whole body is
     // stored. (Faster, the ring fills and capture drops and counts, by design.)
-    let response = upload_paced(
+    let response = upload_pattern(
         &mut c,
         "/sink",
         "gib",
