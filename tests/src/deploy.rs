@@ -519,6 +519,261 @@ pub fn help_has_flag(help: &str, flag: &str) -> bool {
         .any(|tok| tok == flag)
 }
 
+// ---- environment entries -------------------------------------------------------------------
+
+/// Where a Kubernetes/ACI environment variable's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvSource {
+    /// `value: "..."`.
+    Literal(String),
+    /// `valueFrom: fieldRef: fieldPath: ...` (Kubernetes fills it in).
+    FieldRef(String),
+    /// `valueFrom: secretKeyRef: {name, key}`.
+    SecretKeyRef { name: String, key: String },
+    /// ACI `secureValue: "..."` (a secure environment variable).
+    SecureValue(String),
+}
+
+/// One `env`/`environmentVariables` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvEntry {
+    pub name: String,
+    pub source: EnvSource,
+}
+
+/// A Kubernetes `env` or ACI `environmentVariables` list, with where each value comes from.
+/// Panics on a kind of entry these files do not use (so a new one is looked at, not skipped).
+pub fn env_entries(list: Option<&Value>) -> Vec<EnvEntry> {
+    items(list)
+        .into_iter()
+        .map(|e| {
+            let name = s(at(e, &["name"])).to_string();
+            let source = if let Some(v) = get(e, &["value"]) {
+                EnvSource::Literal(s(v).to_string())
+            } else if let Some(v) = get(e, &["secureValue"]) {
+                EnvSource::SecureValue(s(v).to_string())
+            } else if let Some(f) = get(e, &["valueFrom", "fieldRef", "fieldPath"]) {
+                EnvSource::FieldRef(s(f).to_string())
+            } else if let Some(r) = get(e, &["valueFrom", "secretKeyRef"]) {
+                EnvSource::SecretKeyRef {
+                    name: s(at(r, &["name"])).to_string(),
+                    key: s(at(r, &["key"])).to_string(),
+                }
+            } else {
+                panic!("env entry {name}: unsupported kind {e}")
+            };
+            EnvEntry { name, source }
+        })
+        .collect()
+}
+
+/// `envFrom: - secretRef: name: X` names of a Kubernetes container.
+pub fn env_from_secrets(container: &Value) -> Vec<String> {
+    items(get(container, &["envFrom"]))
+        .into_iter()
+        .filter_map(|e| get(e, &["secretRef", "name"]).map(|n| s(n).to_string()))
+        .collect()
+}
+
+/// Does `value` look like key material: a run of at least 32 base64 characters (an account key
+/// is 88, a SAS signature 44+), or a SAS query (`sig=`) / connection-string key (`AccountKey=`)?
+/// Placeholders (`<storage-account-key>`), URLs, paths and names do not.
+pub fn looks_like_secret(value: &str) -> bool {
+    for marker in ["sig=", "AccountKey=", "SharedAccessSignature="] {
+        let mut rest = value;
+        while let Some(i) = rest.find(marker) {
+            rest = &rest[i + marker.len()..];
+            if rest.chars().next().is_some_and(|c| c != '<' && c != ';') {
+                return true;
+            }
+        }
+    }
+    let mut run = 0usize;
+    let mut mixed = (false, false, false);
+    for c in value.chars() {
+        if c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '=' {
+            run += 1;
+            mixed.0 |= c.is_ascii_uppercase();
+            mixed.1 |= c.is_ascii_lowercase();
+            mixed.2 |= c.is_ascii_digit();
+            if run >= 32 && mixed.0 && mixed.1 && mixed.2 {
+                return true;
+            }
+        } else {
+            run = 0;
+            mixed = (false, false, false);
+        }
+    }
+    false
+}
+
+/// The seconds of `const NAME: Duration = Duration::from_secs(N);` in a Rust source file: how
+/// the tests learn a deadline the binary has no flag for (e.g. the collector's stop deadline).
+pub fn source_const_secs(rel: &str, name: &str) -> Duration {
+    let src = read(rel);
+    let pattern = format!("const {name}: Duration = Duration::from_secs(");
+    let start = src
+        .find(&pattern)
+        .unwrap_or_else(|| panic!("{rel} has no `{pattern}N)`: update this test's reading of it"))
+        + pattern.len();
+    let end = src[start..]
+        .find(')')
+        .unwrap_or_else(|| panic!("{rel}: unterminated {name}"))
+        + start;
+    Duration::from_secs(
+        src[start..end]
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{rel}: {name} is not whole seconds: {e}")),
+    )
+}
+
+// ---- running a container's entrypoint on the host ----------------------------------------------
+
+/// scoretap started the way a container runtime starts the image: the entrypoint's arguments,
+/// exactly the given environment (nothing inherited from the test process: no `PATH`, no
+/// `AZURE_*` the store tests set), and `workdir` standing in for the image's `WORKDIR`.
+/// Killed on drop; its stderr is shown when the test fails.
+#[derive(Debug)]
+pub struct HostRun {
+    child: std::process::Child,
+    pub listen: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    logs: crate::util::TempDir,
+    exit: Option<std::process::ExitStatus>,
+}
+
+impl HostRun {
+    /// Spawns `scoretap args` with `env` in `workdir`; the proxy and admin addresses are read
+    /// from `SCORETAP_LISTEN` / `SCORETAP_ADMIN_LISTEN` in `env`.
+    pub fn spawn(
+        args: &[String],
+        env: &BTreeMap<String, String>,
+        workdir: &std::path::Path,
+    ) -> Self {
+        use std::process::{Command, Stdio};
+        let addr = |name: &str| -> std::net::SocketAddr {
+            env.get(name)
+                .unwrap_or_else(|| panic!("{name} is not set"))
+                .parse()
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let logs = crate::util::TempDir::new("hostrun");
+        let stderr = std::fs::File::create(logs.join("stderr")).expect("stderr file");
+        let stdout = std::fs::File::create(logs.join("stdout")).expect("stdout file");
+        let child = Command::new(crate::process::scoretap_bin())
+            .args(args)
+            .env_clear()
+            .envs(env)
+            .current_dir(workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn scoretap: {e}"));
+        Self {
+            child,
+            listen: addr("SCORETAP_LISTEN"),
+            admin: addr("SCORETAP_ADMIN_LISTEN"),
+            logs,
+            exit: None,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its stderr so far (the logs).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.logs.join("stderr")).unwrap_or_default()
+    }
+
+    /// Has it exited? (non-blocking)
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().expect("try_wait");
+        }
+        self.exit
+    }
+
+    /// Waits until `GET /healthz` answers 200 and the proxy port accepts; panics (with the log)
+    /// if the process exits or `limit` passes first.
+    pub async fn wait_healthy(&mut self, limit: Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "scoretap exited during startup with {status}\n--- stderr ---\n{}",
+                    self.stderr()
+                );
+            }
+            if let Some((200, _)) = crate::raw::try_get(self.admin, "/healthz").await {
+                if tokio::net::TcpStream::connect(self.listen).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < limit,
+                "scoretap not healthy on {} within {limit:?}\n--- stderr ---\n{}",
+                self.admin,
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `GET path` on the admin listener → (status, body); None when it does not answer.
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, Vec<u8>)> {
+        crate::raw::try_get(self.admin, path).await
+    }
+
+    /// Sends SIGTERM (what the kubelet does after preStop).
+    pub fn sigterm(&self) {
+        crate::process::signal(self.pid(), "TERM");
+    }
+
+    /// Waits for the exit; panics (with the log) after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.try_exit() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "scoretap did not exit within {limit:?}\n--- stderr ---\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for HostRun {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- scoretap (host run) stderr ---\n{}\n--- end ---",
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Files under `root`, leaving out scoretap's own bookkeeping (`.scoretap/`: sequence numbers).
+pub fn data_files(root: &std::path::Path) -> Vec<PathBuf> {
+    crate::traces::walk(root)
+        .into_iter()
+        .filter(|p| !p.components().any(|c| c.as_os_str() == ".scoretap"))
+        .collect()
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -536,6 +791,31 @@ mod unit {
         assert_eq!(s(at(&docs[0], &["c", "1"])), "q");
         assert_eq!(u(at(&docs[1], &["k", "1"])), 2);
         assert!(parse_yaml("a: |\n  x\n").is_err());
+    }
+
+    #[test]
+    fn secrets_are_recognised() {
+        assert!(looks_like_secret(
+            "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+        ));
+        assert!(looks_like_secret("sv=2022-11-02&ss=b&sig=abc"));
+        assert!(looks_like_secret(
+            "DefaultEndpointsProtocol=https;AccountKey=x"
+        ));
+        assert!(!looks_like_secret(
+            "AccountName=a;AccountKey=<azurite-key>;"
+        ));
+        for fine in [
+            "<storage-account-key>",
+            "az://scoring-data/my-model",
+            "http://azurite:10000/devstoreaccount1",
+            "https://login.microsoftonline.com",
+            "/var/lib/scoretap/spool",
+            "myregistry.azurecr.io/scoretap:0.1.0",
+            "00000000-0000-0000-0000-000000000000",
+        ] {
+            assert!(!looks_like_secret(fine), "{fine}");
+        }
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl AzureStore {
                 AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
                 duration_text(CONNECT_TIMEOUT),
             );
+        // The AKS workload identity webhook sets AZURE_AUTHORITY_HOST with a trailing slash;
+        // object_store appends `/{tenant}/oauth2/v2.0/token`, which would give `//{tenant}`.
+        if let Ok(authority) = std::env::var("AZURE_AUTHORITY_HOST") {
+            builder = builder.with_authority_host(authority.trim_end_matches('/'));
+        }
         if let Some(endpoint) = &options.azure_endpoint {
             // object_store's emulator mode takes its URL only from AZURITE_BLOB_STORAGE_URL:
             // with an explicit endpoint, talk to it as an account URL and supply the emulator's
