@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::headers::HeadViolation;
 
 /// Which side of the proxy an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,13 @@ pub enum ProxyError {
         status: StatusCode,
         message: &'static str,
     },
+    /// The request head, as it came on the wire, is ambiguous or too large (400 or 431,
+    /// connection closed).
+    #[error("{0}")]
+    MalformedHead(HeadViolation),
+    /// The request body is larger than the limit (413, connection closed).
+    #[error("the request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(u64),
     /// No connection could be made to the upstream.
     #[error("could not connect to the upstream: {0}")]
     UpstreamConnect(String),
@@ -59,7 +67,9 @@ impl ProxyError {
     /// Where the error came from.
     pub fn origin(&self) -> ErrorOrigin {
         match self {
-            ProxyError::BadRequest { .. } => ErrorOrigin::Client,
+            ProxyError::BadRequest { .. }
+            | ProxyError::MalformedHead(_)
+            | ProxyError::PayloadTooLarge(_) => ErrorOrigin::Client,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamConnectTimeout(_)
             | ProxyError::UpstreamTimeout(_)
@@ -72,6 +82,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest { status, .. } => *status,
+            ProxyError::MalformedHead(violation) => violation.status(),
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -80,10 +92,13 @@ impl ProxyError {
         }
     }
 
-    /// A stable, machine-readable name for the error (the JSON body's `error`).
+    /// A stable, machine-readable name for the error (the JSON body's `error`). Every request
+    /// the client got wrong is a `bad_request`, whatever its status.
     pub fn kind(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest { .. } => "bad_request",
+            ProxyError::BadRequest { .. }
+            | ProxyError::MalformedHead(_)
+            | ProxyError::PayloadTooLarge(_) => "bad_request",
             ProxyError::UpstreamConnect(_) => "upstream_connect_failed",
             ProxyError::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
@@ -95,12 +110,31 @@ impl ProxyError {
     /// The trace record's `outcome` for an exchange that ended with this error.
     pub fn outcome(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest { .. } | ProxyError::Internal(_) => "proxy_error",
+            ProxyError::BadRequest { .. }
+            | ProxyError::MalformedHead(_)
+            | ProxyError::PayloadTooLarge(_)
+            | ProxyError::Internal(_) => "proxy_error",
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => "upstream_error",
             ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_) => {
                 "upstream_timeout"
             }
         }
+    }
+
+    /// Whether the client's connection must end after this answer (HTTP/1.x): after ambiguous
+    /// framing nothing that follows on the connection can be trusted (RFC 9112 §6.1, §6.3), and
+    /// a body refused at the limit is left unread.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::MalformedHead(_) | ProxyError::PayloadTooLarge(_)
+        )
+    }
+
+    /// Whether the proxy should still read an unread request body for the record: not one it
+    /// refused for its size.
+    pub fn reads_request_body(&self) -> bool {
+        !matches!(self, ProxyError::PayloadTooLarge(_))
     }
 
     /// The answer the client receives: the status and a small JSON body.
@@ -120,6 +154,17 @@ impl ProxyError {
         headers.insert(crate::headers::X_REQUEST_ID, correlation_id.clone());
         response
     }
+}
+
+/// Why a request body stopped on its way to the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// Reading it from the client failed (the client went away, or sent malformed framing).
+    #[error(transparent)]
+    Client(#[from] hyper::Error),
+    /// It went past the request body limit.
+    #[error("the request body is larger than the limit of {0} bytes")]
+    TooLarge(u64),
 }
 
 /// Walks an error's source chain looking for an I/O timeout.

@@ -80,12 +80,15 @@ pub fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// The elements of a comma-separated list field over all its lines, trimmed (RFC 9110 §5.6.1).
+/// Lines are split as bytes: an element that is not UTF-8 is skipped, not its whole line, so
+/// that one odd element (obs-text) cannot hide the others, such as the fields a `Connection`
+/// line names.
 fn list_elements(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
         .into_iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .filter_map(|element| std::str::from_utf8(element).ok())
         .map(str::trim)
 }
 
@@ -160,6 +163,52 @@ pub struct ForwardingPolicy {
 pub struct Downstream {
     pub peer: IpAddr,
     pub tls: bool,
+}
+
+/// What is wrong with a request head as it came on the wire. The connection guard finds these
+/// where hyper has already resolved them by the time the request reaches the proxy (it drops
+/// the `Content-Length` of a message that also has `Transfer-Encoding`, merges identical
+/// `Content-Length` lines, accepts a bare LF as a line end, and bounds heads only by its read
+/// buffer). The check phase refuses the request and closes the connection instead of forwarding
+/// a message another server could frame differently (request smuggling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadViolation {
+    /// RFC 9112 §6.1: "A server MAY reject a request that contains both Content-Length and
+    /// Transfer-Encoding or process such a request in accordance with the Transfer-Encoding
+    /// alone. Regardless, the server MUST close the connection after responding to such a
+    /// request to avoid the potential attacks."
+    #[error("the request has both Content-Length and Transfer-Encoding")]
+    ContentLengthWithTransferEncoding,
+    /// RFC 9112 §6.3: "If a message is received without Transfer-Encoding and with an invalid
+    /// Content-Length header field, then the message framing is invalid and the recipient MUST
+    /// treat it as an unrecoverable error, unless the field value can be successfully parsed as
+    /// a comma-separated list (Section 5.6.1 of [HTTP]), all values in the list are valid, and
+    /// all values in the list are the same [...]. If this is a request message, the server MUST
+    /// respond with a 400 (Bad Request) status code and then close the connection." scoretap
+    /// takes the strict reading: more than one Content-Length field line is refused.
+    #[error("the request has more than one Content-Length field")]
+    DuplicateContentLength,
+    /// RFC 9112 §2.2: "Although the line terminator for the start-line and fields is the
+    /// sequence CRLF, a recipient MAY recognize a single LF as a line terminator". scoretap does
+    /// not: a head with a bare LF is one that servers behind it may split differently.
+    #[error("the request head has a line ending in a bare LF instead of CRLF")]
+    BareLineFeed,
+    /// The head is larger than `--max-header-bytes`. hyper's own bound is its read buffer,
+    /// which a head can overshoot (hyper reads into the buffer's whole spare capacity); the wire
+    /// shows the exact size. RFC 6585 §5: "The 431 status code indicates that the server is
+    /// unwilling to process the request because its header fields are too large."
+    #[error("the request head is larger than allowed")]
+    HeadTooLarge,
+}
+
+impl HeadViolation {
+    /// The status the client gets.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            HeadViolation::HeadTooLarge => http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 impl ForwardingPolicy {
@@ -314,6 +363,29 @@ mod tests {
         remove_hop_by_hop(&mut headers, false);
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["trailer", "content-type"]);
+    }
+
+    /// Found by the `headers` fuzz target: a `Connection` line with one element that is not
+    /// ASCII (obs-text) used to be skipped whole, and the fields it named were forwarded.
+    #[test]
+    fn a_non_ascii_connection_element_hides_no_named_field() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xc3\xa9, X-Secret-Hop,trailer ,\xff").expect("obs-text"),
+        );
+        headers.append("x-secret-hop", HeaderValue::from_static("1"));
+        headers.append("trailer", HeaderValue::from_static("grpc-status"));
+        headers.append("content-type", HeaderValue::from_static("application/json"));
+        remove_hop_by_hop(&mut headers, false);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["content-type"]);
+        let mut te = HeaderMap::new();
+        te.append(
+            header::TE,
+            HeaderValue::from_bytes(b"\xe9, trailers").expect("obs-text"),
+        );
+        assert!(accepts_trailers(&te));
     }
 
     #[test]

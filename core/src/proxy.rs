@@ -1,7 +1,8 @@
 //! A request's life through the proxy, as named phases:
 //!
-//! 1. [`Proxy::check_request`] — refuse what must not be forwarded (RFC 9112 §3.2 `Host` rules,
-//!    `CONNECT`);
+//! 1. [`Proxy::check_request`] — refuse what must not be forwarded (ambiguous framing or an
+//!    oversized head seen on the wire, RFC 9112 §3.2 `Host` rules, `CONNECT`, too many fields,
+//!    a declared body over the limit);
 //! 2. [`Proxy::upstream_request`] — translate the request for the upstream (hop-by-hop removal,
 //!    forwarding headers, correlation id, `host`/`:authority`, version);
 //! 3. [`Upstream::send`] — send it and wait for the response headers;
@@ -11,20 +12,25 @@
 //!
 //! Errors of any phase become a client answer in one place: [`ProxyError::to_response`].
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::ResponseBody;
 use crate::capture::Capture;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, RequestBodyError};
 use crate::headers::{
     accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
-    ForwardingPolicy, X_REQUEST_ID,
+    ForwardingPolicy, HeadViolation, X_REQUEST_ID,
 };
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::returnable::ReturnableBody;
@@ -34,8 +40,16 @@ use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
 /// The body of every response scoretap sends: the answer, teed to capture.
 pub type DownstreamBody = TeeBody<ResponseBody>;
 
-/// How requests are rewritten on their way through.
-#[derive(Debug, Clone, Default)]
+/// The default `max_request_body_bytes`: 1 GiB. scoretap streams bodies and holds none of them,
+/// so the limit protects the upstream (scoring servers commonly read a whole body into memory),
+/// not scoretap; 1 GiB admits any realistic scoring batch (images, tensors) and matches capture's
+/// own body limit. Lower it to what the model accepts.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 1 << 30;
+/// The default `max_headers`: hyper's.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// How requests are rewritten on their way through, and what is refused.
+#[derive(Debug, Clone)]
 pub struct ProxySettings {
     /// The service name recorded with every exchange.
     pub service: String,
@@ -43,6 +57,24 @@ pub struct ProxySettings {
     /// Forward the client's host (`host`, or `:authority` to an HTTP/2 upstream) instead of the
     /// upstream's authority.
     pub preserve_host: bool,
+    /// Header fields a request may carry; past it 431. (hyper enforces it on HTTP/1.1 before
+    /// the proxy sees the request; the check phase on HTTP/2, which only bounds bytes.)
+    pub max_headers: usize,
+    /// The largest request body forwarded; a larger one gets 413 and never reaches the upstream
+    /// past the limit.
+    pub max_request_body_bytes: u64,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            service: String::new(),
+            forwarding: ForwardingPolicy::default(),
+            preserve_host: false,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+        }
+    }
 }
 
 /// The proxy: one upstream, the rewrite settings.
@@ -107,6 +139,8 @@ impl Proxy {
             .as_ref()
             .and_then(|capture| capture.begin(&request, &correlation_id));
         let request_meter = Some(BodyMeter::request(self.metrics.clone()));
+        let body_limit = BodyLimit::new(self.settings.max_request_body_bytes);
+        let request = request.map(|body| LimitedBody::new(body, body_limit.clone()));
         let (request, returned_body) = match &exchange {
             Some(exchange) => {
                 let tap = exchange.request_tap();
@@ -124,8 +158,13 @@ impl Proxy {
         let result = self
             .forward(downstream, request, &correlation_id, client_version)
             .await;
-        if result.is_err() {
-            if let Some(returned) = returned_body {
+        let result = match result {
+            // The upstream request failed because the proxy cut the body at the limit.
+            Err(_) if body_limit.exceeded() => Err(ProxyError::PayloadTooLarge(body_limit.maximum)),
+            result => result,
+        };
+        if let Err(error) = &result {
+            if let Some(returned) = returned_body.filter(|_| error.reads_request_body()) {
                 // The upstream never read the body: read it now so the record keeps the input.
                 returned.drain().await;
             }
@@ -140,7 +179,14 @@ impl Proxy {
                     kind = error.kind(),
                     "{error}"
                 );
-                let response = error.to_response(&correlation_id);
+                let mut response = error.to_response(&correlation_id);
+                if error.closes_connection() && client_version < Version::HTTP_2 {
+                    // HTTP/2 has no `connection` field; hyper ends an HTTP/1.x connection after a
+                    // response that carries `close`.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 (
                     response,
                     error.outcome(),
@@ -192,6 +238,27 @@ impl Proxy {
         &self,
         request: &mut Request<UpstreamRequestBody>,
     ) -> Result<CheckedRequest, ProxyError> {
+        if let Some(violation) = request.extensions().get::<HeadViolation>() {
+            return Err(ProxyError::MalformedHead(*violation));
+        }
+        if request.headers().len() > self.settings.max_headers {
+            // RFC 6585 §5: "The 431 status code indicates that the server is unwilling to
+            // process the request because its header fields are too large."
+            return Err(ProxyError::BadRequest {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                message: "the request has more header fields than allowed",
+            });
+        }
+        if request.body().size_hint().lower() > self.settings.max_request_body_bytes {
+            // The declared Content-Length is over the limit: answered before the upstream is
+            // contacted, without reading the body (RFC 9110 §15.5.14: "The 413 (Content Too
+            // Large) status code indicates that the server is refusing to process a request
+            // because the request content is larger than the server is willing or able to
+            // process.").
+            return Err(ProxyError::PayloadTooLarge(
+                self.settings.max_request_body_bytes,
+            ));
+        }
         if request.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest {
                 status: StatusCode::METHOD_NOT_ALLOWED,
@@ -350,5 +417,84 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
         (Err(error), _) | (_, Err(error)) => {
             tracing::debug!("protocol upgrade failed: {error}");
         }
+    }
+}
+
+/// The request body limit of one exchange, and whether the body went past it.
+#[derive(Debug, Clone)]
+struct BodyLimit {
+    maximum: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl BodyLimit {
+    fn new(maximum: u64) -> Self {
+        Self {
+            maximum,
+            exceeded: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::Relaxed)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body cut at the limit: the frame that would cross it is never forwarded; the
+    /// body fails instead, which aborts the upstream request (hyper drops the upstream
+    /// connection, or resets the HTTP/2 stream).
+    #[derive(Debug)]
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        read: u64,
+        limit: BodyLimit,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    fn new(inner: B, limit: BodyLimit) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes, Error = hyper::Error>,
+{
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = self.project();
+        let frame = match std::task::ready!(this.inner.poll_frame(context)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return Poll::Ready(Some(Err(RequestBodyError::Client(error)))),
+            None => return Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            *this.read = this.read.saturating_add(data.len() as u64);
+            if *this.read > this.limit.maximum {
+                this.limit.exceeded.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit.maximum))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

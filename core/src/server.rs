@@ -1,18 +1,26 @@
 //! The listeners: the proxy port (HTTP/1.1 and HTTP/2 on one port, optional TLS) and the admin
 //! port, and the process's run loop with graceful draining.
 
+mod framing;
+mod guard;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use self::guard::{ConnectionGuard, Expiry, GuardTimeouts, GuardedBody, GuardedIo};
 
 use crate::admin::AdminState;
 use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
@@ -25,10 +33,58 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 /// How long a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's headers (HTTP/1.1).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the certificate files are checked for a renewal.
 const CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// HTTP/2 keep-alive: a PING after this much silence; no PING ACK within the timeout closes the
+/// connection (a dead peer, not an idle one: idle connections are `Limits::idle_timeout`'s).
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Streams hyper may reset itself for a client's protocol errors before it sends GOAWAY
+/// (RUSTSEC-2024-0003; hyper's own default, made explicit).
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// How long an idle HTTP/2 connection has to close after its GOAWAY before it is dropped.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
+/// At most one warning per this interval about connections refused at `--max-connections`.
+const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// hyper's smallest HTTP/1 read buffer; `max_header_bytes` cannot be below it.
+pub const MINIMUM_HEADER_BYTES: usize = 8192;
+
+/// What clients may hold, one and all together (README "Limits").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest request head: on HTTP/1.1 the request line and fields, as bytes on the wire
+    /// (past it hyper answers 431 and closes); on HTTP/2 the field list as RFC 9113 §6.5.2
+    /// measures it, name + value + 32 per field (past it h2 answers 431 on that stream). At
+    /// least [`MINIMUM_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// A client must send a whole request head within this of its first byte (or of
+    /// connecting); else the connection is closed without an answer (slowloris).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is closed (HTTP/1.1) or sent GOAWAY
+    /// (HTTP/2).
+    pub idle_timeout: Duration,
+    /// Client connections open at once; past it new ones are accepted and closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may open and reset before scoretap has accepted them; past it
+    /// GOAWAY `ENHANCE_YOUR_CALM` (rapid reset, CVE-2023-44487).
+    pub h2_max_pending_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 << 10,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_concurrent_streams: 256,
+            // h2's own default (h2::server::Builder::max_pending_accept_reset_streams).
+            h2_max_pending_reset_streams: 20,
+        }
+    }
+}
 
 /// Everything needed to start scoretap's listeners.
 #[derive(Debug, Clone)]
@@ -46,6 +102,7 @@ pub struct ServerSettings {
     pub admin_token: Option<String>,
     /// Export Prometheus metrics at the admin's `GET /metrics`.
     pub metrics: bool,
+    pub limits: Limits,
 }
 
 /// How long the collector may take to write what it holds when scoretap stops.
@@ -84,6 +141,8 @@ pub struct BoundServer {
     admin_token: Option<String>,
     store: Option<(crate::sink::StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
 }
 
 /// How often histogram upkeep runs, so their memory stays bounded between scrapes.
@@ -124,6 +183,7 @@ impl BoundServer {
             }
             None => (None, None),
         };
+        warn_if_over_open_file_limit(settings.limits.max_connections);
         // Where `GET /traces` reads: the store, and the batches' directory in it.
         let store = settings.capture.as_ref().map(|capture| {
             (
@@ -132,7 +192,13 @@ impl BoundServer {
                     .to_owned(),
             )
         });
+        let builder = Arc::new(connection_builder(
+            &settings.limits,
+            settings.proxy.max_headers,
+        ));
         Ok(Self {
+            builder,
+            limits: settings.limits,
             proxy_listener,
             admin_listener,
             proxy_address,
@@ -183,22 +249,33 @@ impl BoundServer {
             .clone()
             .map(|tls| tokio::spawn(watch_certificate(tls)));
 
-        let builder = Arc::new(connection_builder());
-        let graceful = GracefulShutdown::new();
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut refused = RefusedConnections::default();
+        let (drain, draining) = watch::channel(false);
+        // Every connection task holds a clone; `recv` returns `None` once all have ended.
+        let (alive, mut all_ended) = mpsc::channel::<()>(1);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.proxy_listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let connection = Connection {
-                            builder: builder.clone(),
-                            proxy: self.proxy.clone(),
-                            tls: self.tls.clone(),
-                            watcher: graceful.watcher(),
-                        };
-                        tokio::spawn(connection.serve(stream, peer));
-                    }
+                    Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let connection = Connection {
+                                builder: self.builder.clone(),
+                                proxy: self.proxy.clone(),
+                                tls: self.tls.clone(),
+                                limits: self.limits.clone(),
+                                draining: draining.clone(),
+                                _alive: alive.clone(),
+                            };
+                            tokio::spawn(connection.serve(stream, peer, slot));
+                        }
+                        // At --max-connections: accepted and closed at once, so the client
+                        // fails fast (and can try another replica) instead of waiting in the
+                        // listen backlog.
+                        Err(_) => refused.refuse(stream, self.limits.max_connections),
+                    },
                     Err(error) => {
                         // Out of file descriptors and the like: wait rather than spin.
                         tracing::warn!("accept failed: {error}");
@@ -211,11 +288,14 @@ impl BoundServer {
         self.draining.store(true, Ordering::SeqCst);
         drop(self.proxy_listener);
         tracing::info!(
-            connections = graceful.count(),
+            connections = self.limits.max_connections - slots.available_permits(),
             deadline_seconds = self.drain_timeout.as_secs_f64(),
             "draining"
         );
-        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
+        // Receivers may all be gone already (no connection open): nothing to tell then.
+        let _ = drain.send(true);
+        drop(alive);
+        if tokio::time::timeout(self.drain_timeout, all_ended.recv())
             .await
             .is_err()
         {
@@ -232,19 +312,85 @@ impl BoundServer {
     }
 }
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// The HTTP/1.1 and HTTP/2 server settings, limits applied.
+fn connection_builder(limits: &Limits, max_headers: usize) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = builder.http1();
+    http1
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // A head must fit hyper's read buffer: past it hyper answers 431 and closes. (hyper-util's
+        // builder does not expose hyper's `max_header_size`; the buffer bound is the same limit.)
+        .max_buf_size(limits.max_header_bytes.max(MINIMUM_HEADER_BYTES))
+        // hyper's own timer runs from the end of one exchange to the end of the next head; the
+        // guard enforces the two finer limits, this is only a backstop above both.
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout)
         .keep_alive(true);
+    // More than 100 moves hyper's header array from the stack to the heap for every request:
+    // only do it when asked. Past the count hyper answers 431.
+    if max_headers != DEFAULT_MAX_HEADERS {
+        http1.max_headers(max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
         .adaptive_window(true)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
     builder
+}
+
+/// hyper's HTTP/1 header count without `max_headers`.
+const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Warns when `--max-connections` cannot be reached because the process may not open that many
+/// files (each client connection can hold an upstream connection too).
+fn warn_if_over_open_file_limit(max_connections: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse::<usize>().ok());
+    if let Some(soft) = soft.filter(|&soft| soft < max_connections.saturating_mul(2)) {
+        tracing::warn!(
+            open_file_limit = soft,
+            max_connections,
+            "the open-file limit (ulimit -n) is below twice --max-connections (a client \
+             connection and its upstream connection): accepting will fail before the limit"
+        );
+    }
+}
+
+/// Connections refused at `--max-connections`, logged at most once per interval.
+#[derive(Debug, Default)]
+struct RefusedConnections {
+    last_warning: Option<Instant>,
+    since_warning: u64,
+}
+
+impl RefusedConnections {
+    fn refuse(&mut self, stream: TcpStream, max_connections: usize) {
+        drop(stream);
+        self.since_warning += 1;
+        if self
+            .last_warning
+            .is_none_or(|last| last.elapsed() >= REFUSED_WARNING_INTERVAL)
+        {
+            tracing::warn!(
+                refused = self.since_warning,
+                max_connections,
+                "connection limit reached: new connections are closed at once"
+            );
+            self.last_warning = Some(Instant::now());
+            self.since_warning = 0;
+        }
+    }
 }
 
 /// One accepted downstream connection.
@@ -252,11 +398,15 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     proxy: Arc<Proxy>,
     tls: Option<Arc<ReloadableServerConfig>>,
-    watcher: Watcher,
+    limits: Limits,
+    /// Turns true when scoretap starts draining.
+    draining: watch::Receiver<bool>,
+    /// Dropped when the connection ends (see `BoundServer::run`).
+    _alive: mpsc::Sender<()>,
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream, peer: SocketAddr) {
+    async fn serve(self, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {error}");
         }
@@ -264,19 +414,9 @@ impl Connection {
             peer: peer.ip(),
             tls: self.tls.is_some(),
         };
-        let proxy = self.proxy;
-        let service = service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(downstream, request).await) }
-        });
         let result =
-            match self.tls {
-                None => {
-                    let connection = self
-                        .builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    self.watcher.watch(connection).await
-                }
+            match self.tls.clone() {
+                None => self.serve_http(stream, downstream, slot).await,
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                     let stream =
@@ -293,14 +433,76 @@ impl Connection {
                                 return;
                             }
                         };
-                    let connection = self
-                        .builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    self.watcher.watch(connection).await
+                    self.serve_http(stream, downstream, slot).await
                 }
             };
         if let Err(error) = result {
             tracing::debug!(%peer, "connection ended with an error: {error}");
+        }
+    }
+
+    /// Serves HTTP on the connection until it ends, scoretap drains, or the guard expires it.
+    async fn serve_http<S>(
+        mut self,
+        stream: S,
+        downstream: Downstream,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let guard = ConnectionGuard::new(GuardTimeouts {
+            header_read: self.limits.header_read_timeout,
+            idle: self.limits.idle_timeout,
+        });
+        let io = GuardedIo::new(stream, guard.clone(), slot, self.limits.max_header_bytes);
+        let service = {
+            let guard = guard.clone();
+            let proxy = self.proxy.clone();
+            service_fn(move |request: Request<Incoming>| {
+                let proxy = proxy.clone();
+                let (in_flight, violation) = guard.request_started();
+                async move {
+                    let mut request = request;
+                    if let Some(violation) = violation {
+                        request.extensions_mut().insert(violation);
+                    }
+                    let response = proxy.handle(downstream, request).await;
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        in_flight.upgraded();
+                    }
+                    Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, in_flight)))
+                }
+            })
+        };
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let mut shutting_down = false;
+        let mut goaway_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                Ok(()) = async { self.draining.wait_for(|&draining| draining).await.map(drop) },
+                    if !shutting_down => {
+                    shutting_down = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                expiry = guard.expired(), if goaway_deadline.is_none() => match expiry {
+                    Expiry::Close => return Ok(()),
+                    Expiry::GoAway => {
+                        connection.as_mut().graceful_shutdown();
+                        goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
+                    }
+                },
+                () = async {
+                    match goaway_deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                } => return Ok(()),
+            }
         }
     }
 }

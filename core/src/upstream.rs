@@ -16,9 +16,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::error::{error_chain, is_timeout, ProxyError};
 use crate::tls::{upstream_client_config, TlsError};
 
-/// The body type sent upstream: the client's body, forwarded as it arrives through the tee, and
-/// handed back to the proxy if the upstream never reads it.
-pub type UpstreamRequestBody = crate::returnable::ReturnableBody<crate::tee::TeeBody<Incoming>>;
+/// The body type sent upstream: the client's body, cut at the body limit, forwarded as it
+/// arrives through the tee, and handed back to the proxy if the upstream never reads it.
+pub type UpstreamRequestBody =
+    crate::returnable::ReturnableBody<crate::tee::TeeBody<crate::proxy::LimitedBody<Incoming>>>;
 
 /// The HTTP version spoken to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -218,6 +218,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             service: "demo-model".into(),
             forwarding: ForwardingPolicy::default(),
             preserve_host: false,
+            ..ProxySettings::default()
         },
         capture: Some(CaptureSettings {
             enabled: true,
@@ -233,6 +234,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         }),
         admin_token: None,
         metrics: true,
+        limits: scoretap_core::server::Limits::default(),
     })
     .await?;
     let proxy_address = server.proxy_address();

@@ -16,8 +16,9 @@ use scoretap_core::capture::{
 };
 use scoretap_core::headers::{ForwardedMode, ForwardingPolicy};
 use scoretap_core::modeldata::ModeldataColumns;
-use scoretap_core::proxy::ProxySettings;
+use scoretap_core::proxy::{ProxySettings, DEFAULT_MAX_HEADERS, DEFAULT_MAX_REQUEST_BODY_BYTES};
 use scoretap_core::redaction::Redaction;
+use scoretap_core::server::{Limits, MINIMUM_HEADER_BYTES};
 use scoretap_core::sink::StoreLocation;
 use scoretap_core::storage::batch::BatchSettings;
 use scoretap_core::storage::key::{KeyField, KeyTemplate};
@@ -97,6 +98,30 @@ pub struct RunArgs {
     /// After SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 30s]
     #[arg(long, env = "SCORETAP_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// Largest request head (HTTP/1.1 request line and fields; HTTP/2 field list); past it 431 [default: 64KiB]
+    #[arg(long, env = "SCORETAP_MAX_HEADER_BYTES", value_name = "SIZE", value_parser = parse_header_bytes)]
+    pub max_header_bytes: Option<u64>,
+    /// Header fields a request may carry; past it 431 [default: 100]
+    #[arg(long, env = "SCORETAP_MAX_HEADERS", value_name = "COUNT", value_parser = parse_max_headers)]
+    pub max_headers: Option<usize>,
+    /// A client must send a whole request head within this of its first byte (or of connecting); else the connection is closed (slowloris) [default: 10s]
+    #[arg(long, env = "SCORETAP_HEADER_READ_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// A client connection with no request in flight this long is closed (HTTP/2: GOAWAY) [default: 60s]
+    #[arg(long, env = "SCORETAP_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Client connections open at once; past it new ones are accepted and closed at once [default: 10000]
+    #[arg(long, env = "SCORETAP_MAX_CONNECTIONS", value_name = "COUNT", value_parser = parse_count)]
+    pub max_connections: Option<usize>,
+    /// HTTP/2 streams a client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS) [default: 256]
+    #[arg(long, env = "SCORETAP_MAX_CONCURRENT_STREAMS", value_name = "COUNT", value_parser = parse_streams)]
+    pub max_concurrent_streams: Option<u32>,
+    /// Largest request body forwarded; past it 413, and the upstream never receives more [default: 1GiB]
+    #[arg(long, env = "SCORETAP_MAX_REQUEST_BODY_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    pub max_request_body_bytes: Option<u64>,
+    /// HTTP/2 streams a client may open and reset before they are served; past it GOAWAY (rapid reset, CVE-2023-44487) [default: 20]
+    #[arg(long, env = "SCORETAP_H2_MAX_PENDING_RESET_STREAMS", value_name = "COUNT", value_parser = parse_count)]
+    pub h2_max_pending_reset_streams: Option<usize>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "SCORETAP_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
@@ -262,6 +287,14 @@ struct FileSettings {
     via: Option<String>,
     preserve_host: Option<bool>,
     drain_timeout: Option<String>,
+    max_header_bytes: Option<FileSize>,
+    max_headers: Option<usize>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    max_request_body_bytes: Option<FileSize>,
+    h2_max_pending_reset_streams: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
     store: Option<String>,
@@ -338,6 +371,16 @@ pub struct RunSettings {
     pub preserve_host: bool,
     #[serde(serialize_with = "serialize_duration")]
     pub drain_timeout: Duration,
+    pub max_header_bytes: u64,
+    pub max_headers: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub header_read_timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub max_request_body_bytes: u64,
+    pub h2_max_pending_reset_streams: usize,
     pub log_format: LogFormat,
     pub log_level: String,
     #[serde(serialize_with = "serialize_store")]
@@ -504,6 +547,50 @@ impl RunArgs {
             "drain-timeout",
             file.drain_timeout,
             parse_duration,
+        )?);
+        self.header_read_timeout = self.header_read_timeout.or(from_file(
+            p,
+            "header-read-timeout",
+            file.header_read_timeout,
+            parse_duration,
+        )?);
+        self.idle_timeout = self.idle_timeout.or(from_file(
+            p,
+            "idle-timeout",
+            file.idle_timeout,
+            parse_duration,
+        )?);
+        let count = |key: &str, value: Option<usize>, parse: fn(&str) -> Result<usize, String>| {
+            from_file(p, key, value.map(|count| count.to_string()), parse)
+        };
+        self.max_headers =
+            self.max_headers
+                .or(count("max-headers", file.max_headers, parse_max_headers)?);
+        self.max_connections =
+            self.max_connections
+                .or(count("max-connections", file.max_connections, parse_count)?);
+        self.h2_max_pending_reset_streams = self.h2_max_pending_reset_streams.or(count(
+            "h2-max-pending-reset-streams",
+            file.h2_max_pending_reset_streams,
+            parse_count,
+        )?);
+        self.max_concurrent_streams = self.max_concurrent_streams.or(from_file(
+            p,
+            "max-concurrent-streams",
+            file.max_concurrent_streams.map(|count| count.to_string()),
+            parse_streams,
+        )?);
+        self.max_header_bytes = self.max_header_bytes.or(from_file(
+            p,
+            "max-header-bytes",
+            file.max_header_bytes.map(FileSize::text),
+            parse_header_bytes,
+        )?);
+        self.max_request_body_bytes = self.max_request_body_bytes.or(from_file(
+            p,
+            "max-request-body-bytes",
+            file.max_request_body_bytes.map(FileSize::text),
+            parse_size,
         )?);
         self.log_format = self.log_format.or(from_file(
             p,
@@ -689,6 +776,7 @@ impl RunArgs {
             ));
         }
         let capture_buffer_bytes = args.capture_buffer_bytes.unwrap_or(64 << 20);
+        let limits = Limits::default();
         Ok(RunSettings {
             listen: args
                 .listen
@@ -713,6 +801,24 @@ impl RunArgs {
             via: args.via,
             preserve_host: args.preserve_host.unwrap_or(false),
             drain_timeout: args.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            max_header_bytes: args
+                .max_header_bytes
+                .unwrap_or(limits.max_header_bytes as u64),
+            max_headers: args.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
+            header_read_timeout: args
+                .header_read_timeout
+                .unwrap_or(limits.header_read_timeout),
+            idle_timeout: args.idle_timeout.unwrap_or(limits.idle_timeout),
+            max_connections: args.max_connections.unwrap_or(limits.max_connections),
+            max_concurrent_streams: args
+                .max_concurrent_streams
+                .unwrap_or(limits.max_concurrent_streams),
+            max_request_body_bytes: args
+                .max_request_body_bytes
+                .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES),
+            h2_max_pending_reset_streams: args
+                .h2_max_pending_reset_streams
+                .unwrap_or(limits.h2_max_pending_reset_streams),
             log_format: args.log_format.unwrap_or_default(),
             log_level: args.log_level.unwrap_or_else(|| "info".into()),
             store: args
@@ -799,6 +905,17 @@ impl RunSettings {
                     via: self.via.clone(),
                 },
                 preserve_host: self.preserve_host,
+                max_headers: self.max_headers,
+                max_request_body_bytes: self.max_request_body_bytes,
+            },
+            limits: Limits {
+                // Bounded to 16 MiB by its parser.
+                max_header_bytes: usize::try_from(self.max_header_bytes).unwrap_or(usize::MAX),
+                header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.idle_timeout,
+                max_connections: self.max_connections,
+                max_concurrent_streams: self.max_concurrent_streams,
+                h2_max_pending_reset_streams: self.h2_max_pending_reset_streams,
             },
             capture: Some(CaptureSettings {
                 enabled: self.capture,
@@ -1031,6 +1148,32 @@ fn parse_count(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A request head limit: hyper's HTTP/1 read buffer cannot be smaller than 8 KiB, and HTTP/2
+/// announces the limit as a 32-bit setting; 16 MiB is far past any sane head.
+fn parse_header_bytes(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "expected a size from 8KiB to 16MiB, such as 64KiB";
+    let size = parse_size(text).map_err(|_| EXPECTED.to_owned())?;
+    if (MINIMUM_HEADER_BYTES as u64..=16 << 20).contains(&size) {
+        Ok(size)
+    } else {
+        Err(EXPECTED.into())
+    }
+}
+
+fn parse_max_headers(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(count) if (1..=10_000).contains(&count) => Ok(count),
+        _ => Err("expected a whole number from 1 to 10000".into()),
+    }
+}
+
+fn parse_streams(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err("expected a whole number from 1 to 4294967295".into()),
+    }
+}
+
 fn parse_list(text: &str) -> Result<List, String> {
     Ok(List(
         text.split(',')
@@ -1115,6 +1258,81 @@ mod tests {
             Ok(2)
         );
         assert!(parse_networks("10.0.0.0/33").is_err());
+        assert_eq!(parse_header_bytes("64KiB"), Ok(64 << 10));
+        for bad in ["4KiB", "32MiB", "lots"] {
+            assert!(parse_header_bytes(bad)
+                .expect_err("invalid")
+                .contains("8KiB to 16MiB"));
+        }
+        assert_eq!(parse_max_headers("100"), Ok(100));
+        assert!(parse_max_headers("0").is_err());
+        assert!(parse_max_headers("10001").is_err());
+        assert_eq!(parse_streams("256"), Ok(256));
+        assert!(parse_streams("0").is_err());
+        assert!(parse_streams("4294967296").is_err());
+    }
+
+    #[test]
+    fn limits_default_safely_and_come_from_the_file() {
+        let directory =
+            std::env::temp_dir().join(format!("scoretap-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).expect("dir");
+        let defaults = RunArgs {
+            upstream: Some(Uri::from_static("http://127.0.0.1:5001")),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .expect("valid")
+        .server_settings();
+        assert_eq!(defaults.limits.max_header_bytes, 64 << 10);
+        assert_eq!(defaults.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(defaults.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(defaults.limits.max_connections, 10_000);
+        assert_eq!(defaults.limits.max_concurrent_streams, 256);
+        assert_eq!(defaults.limits.h2_max_pending_reset_streams, 20);
+        assert_eq!(defaults.proxy.max_headers, 100);
+        assert_eq!(defaults.proxy.max_request_body_bytes, 1 << 30);
+
+        let path = directory.join("limits.toml");
+        std::fs::write(
+            &path,
+            "upstream = \"http://127.0.0.1:5001\"\nmax-header-bytes = \"16KiB\"\nmax-headers = 50\n\
+             header-read-timeout = \"3s\"\nidle-timeout = \"2m\"\nmax-connections = 500\n\
+             max-concurrent-streams = 64\nmax-request-body-bytes = 1048576\n\
+             h2-max-pending-reset-streams = 5\n",
+        )
+        .expect("write");
+        let settings = RunArgs {
+            config: Some(path),
+            max_connections: Some(600),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .expect("valid")
+        .server_settings();
+        assert_eq!(settings.limits.max_header_bytes, 16 << 10);
+        assert_eq!(settings.limits.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(settings.limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(settings.limits.max_connections, 600, "the flag wins");
+        assert_eq!(settings.limits.max_concurrent_streams, 64);
+        assert_eq!(settings.limits.h2_max_pending_reset_streams, 5);
+        assert_eq!(settings.proxy.max_headers, 50);
+        assert_eq!(settings.proxy.max_request_body_bytes, 1 << 20);
+
+        let bad = directory.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "upstream = \"http://h\"\nmax-header-bytes = \"1KiB\"\n",
+        )
+        .expect("write");
+        let error = RunArgs {
+            config: Some(bad),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .expect_err("invalid");
+        assert!(error.to_string().contains("max-header-bytes"), "{error}");
+        std::fs::remove_dir_all(&directory).ok();
     }
 
     #[test]

@@ -117,8 +117,22 @@ pub fn pattern_sha256(size: u64) -> String {
     h.finish()
 }
 
-/// A free TCP port on 127.0.0.1 (bind :0, read, release). Racy by nature but fine for tests.
+/// A free TCP port on 127.0.0.1, for a server a test starts later. Chosen below the kernel's
+/// ephemeral range (32768–60999 by default), where outgoing connections of parallel tests take
+/// their ports, so the port is far less likely to be taken between this check and the bind;
+/// spread by process id and a counter so parallel test binaries don't pick the same ones.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    let start = u64::from(std::process::id()).wrapping_mul(7_919);
+    for _ in 0..SPAN {
+        let candidate = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed) * 13) % SPAN;
+        let port = candidate as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")
         .local_addr()

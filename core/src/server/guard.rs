@@ -1,0 +1,425 @@
+//! The connection guard: one per accepted client connection. It sits under hyper on the
+//! connection's bytes and beside the service, and knows what hyper does not tell:
+//!
+//! - whether a request head is being read, and since when (the header read timeout: a client
+//!   must send a whole head within `--header-read-timeout` of its first byte, or of connecting);
+//! - whether the connection is idle — no request in flight — and since when (`--idle-timeout`
+//!   for HTTP/1.1 keep-alive and for HTTP/2 connections without streams);
+//! - what was ambiguous in each HTTP/1.1 head on the wire ([`HeadViolation`]), handed to the
+//!   request it belongs to;
+//! - the connection's slot of `--max-connections`, held as long as the bytes flow (an upgraded
+//!   connection keeps it).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use super::framing::{FramingEvent, RequestFraming};
+use crate::headers::HeadViolation;
+
+/// What the guard has learned the connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.1 requests, heads followed on the wire.
+    Http1,
+    /// HTTP/2 (the preface came).
+    Http2,
+    /// HTTP/1.1 no longer followed (upgraded, or a head hyper refuses).
+    Untracked,
+}
+
+/// What to do when the connection's deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// Drop the connection: an HTTP/1.1 client too slow with its head, or idle.
+    Close,
+    /// An idle HTTP/2 connection: GOAWAY, then close.
+    GoAway,
+}
+
+#[derive(Debug)]
+struct State {
+    protocol: Protocol,
+    connected: Instant,
+    /// Requests dispatched whose response has not ended.
+    in_flight: usize,
+    /// At least one request was dispatched.
+    served: bool,
+    /// When the last in-flight request ended.
+    idle_since: Instant,
+    /// The first byte of a head still incomplete.
+    head_started: Option<Instant>,
+    /// One entry per head seen whole on the wire and not yet dispatched, in order.
+    verdicts: VecDeque<Option<HeadViolation>>,
+}
+
+/// Timeouts the guard enforces.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GuardTimeouts {
+    pub header_read: Duration,
+    pub idle: Duration,
+}
+
+/// One connection's guard, shared by its IO, its service and its watchdog.
+#[derive(Debug)]
+pub(crate) struct ConnectionGuard {
+    state: Mutex<State>,
+    /// Wakes the watchdog when the deadline may have moved earlier.
+    changed: Notify,
+    timeouts: GuardTimeouts,
+}
+
+impl ConnectionGuard {
+    pub(crate) fn new(timeouts: GuardTimeouts) -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            state: Mutex::new(State {
+                protocol: Protocol::Http1,
+                connected: now,
+                in_flight: 0,
+                served: false,
+                idle_since: now,
+                head_started: None,
+                verdicts: VecDeque::new(),
+            }),
+            changed: Notify::new(),
+            timeouts,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind; keep using it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn on_framing(&self, event: FramingEvent) {
+        let mut state = self.state();
+        match event {
+            FramingEvent::HeadStarted => {
+                state.head_started = Some(Instant::now());
+                if state.in_flight == 0 {
+                    drop(state);
+                    self.changed.notify_one();
+                }
+            }
+            FramingEvent::HeadComplete(violation) => {
+                state.head_started = None;
+                state.verdicts.push_back(violation);
+            }
+            // The head may still be coming: its deadline stays.
+            FramingEvent::HeadTooLarge => {
+                state.verdicts.push_back(Some(HeadViolation::HeadTooLarge));
+            }
+            FramingEvent::Http2 => state.protocol = Protocol::Http2,
+            FramingEvent::Untracked => {
+                if state.protocol == Protocol::Http1 {
+                    state.protocol = Protocol::Untracked;
+                }
+            }
+        }
+    }
+
+    /// A request was dispatched: it is in flight until the returned token is dropped. On
+    /// HTTP/1.1, also what the wire showed of its head.
+    pub(crate) fn request_started(self: &Arc<Self>) -> (InFlight, Option<HeadViolation>) {
+        let mut state = self.state();
+        state.in_flight += 1;
+        state.served = true;
+        let violation = match state.protocol {
+            Protocol::Http1 => state.verdicts.pop_front().flatten(),
+            Protocol::Untracked => {
+                // No head is followed any more: the one being read, if any, is this one.
+                state.head_started = None;
+                state.verdicts.pop_front().flatten()
+            }
+            Protocol::Http2 => None,
+        };
+        (InFlight(Some(self.clone())), violation)
+    }
+
+    fn request_finished(&self) {
+        let mut state = self.state();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0 {
+            state.idle_since = Instant::now();
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The connection switched protocols: its bytes are no longer requests.
+    fn upgraded(&self) {
+        let mut state = self.state();
+        state.protocol = Protocol::Untracked;
+        state.head_started = None;
+    }
+
+    /// When the connection expires and what to do then; `None` while a request is in flight.
+    fn deadline(&self) -> Option<(Instant, Expiry)> {
+        let state = self.state();
+        if state.in_flight > 0 {
+            return None;
+        }
+        let GuardTimeouts { header_read, idle } = self.timeouts;
+        Some(match (state.protocol, state.head_started) {
+            (Protocol::Http2, _) => (state.idle_since + idle, Expiry::GoAway),
+            (_, Some(started)) => (started + header_read, Expiry::Close),
+            (Protocol::Http1, None) if !state.served => {
+                (state.connected + header_read, Expiry::Close)
+            }
+            (_, None) => (state.idle_since + idle, Expiry::Close),
+        })
+    }
+
+    /// Resolves when the connection has expired.
+    pub(crate) async fn expired(&self) -> Expiry {
+        loop {
+            let changed = self.changed.notified();
+            match self.deadline() {
+                None => changed.await,
+                Some((at, expiry)) if at <= Instant::now() => return expiry,
+                Some((at, _)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = changed => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A dispatched request, in flight until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(Option<Arc<ConnectionGuard>>);
+
+impl InFlight {
+    /// The response switched protocols (101).
+    pub(crate) fn upgraded(&self) {
+        if let Some(guard) = &self.0 {
+            guard.upgraded();
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(guard) = self.0.take() {
+            guard.request_finished();
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request in flight until it ends or is dropped.
+    #[derive(Debug)]
+    pub(crate) struct GuardedBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: InFlight,
+    }
+}
+
+impl<B> GuardedBody<B> {
+    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
+        Self { inner, in_flight }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for GuardedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(context);
+        if matches!(polled, Poll::Ready(None)) {
+            this.in_flight.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A client connection's byte stream as hyper reads it: unchanged, followed by the guard.
+    #[derive(Debug)]
+    pub(crate) struct GuardedIo<S> {
+        #[pin]
+        inner: S,
+        framing: RequestFraming,
+        guard: Arc<ConnectionGuard>,
+        // The connection's slot of --max-connections, released with the connection.
+        _slot: OwnedSemaphorePermit,
+    }
+}
+
+impl<S> GuardedIo<S> {
+    pub(crate) fn new(
+        inner: S,
+        guard: Arc<ConnectionGuard>,
+        slot: OwnedSemaphorePermit,
+        maximum_head_bytes: usize,
+    ) -> Self {
+        Self {
+            inner,
+            framing: RequestFraming::new(maximum_head_bytes),
+            guard,
+            _slot: slot,
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for GuardedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buffer.filled().len();
+        let polled = this.inner.poll_read(context, buffer);
+        if this.framing.is_tracking() {
+            let read = &buffer.filled()[before..];
+            if !read.is_empty() {
+                let guard = &**this.guard;
+                this.framing
+                    .feed(read, &mut |event| guard.on_framing(event));
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for GuardedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(context, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(context, buffers)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(context)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(context)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUTS: GuardTimeouts = GuardTimeouts {
+        header_read: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_follow_the_connection() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        let start = Instant::now();
+        // A fresh connection must send a head within the header read timeout.
+        assert_eq!(
+            guard.deadline(),
+            Some((start + TIMEOUTS.header_read, Expiry::Close))
+        );
+        guard.on_framing(FramingEvent::HeadStarted);
+        guard.on_framing(FramingEvent::HeadComplete(None));
+        let (in_flight, violation) = guard.request_started();
+        assert_eq!(violation, None);
+        assert_eq!(
+            guard.deadline(),
+            None,
+            "no deadline while a request is in flight"
+        );
+        tokio::time::advance(Duration::from_secs(100)).await;
+        drop(in_flight);
+        let idle = Instant::now();
+        assert_eq!(
+            guard.deadline(),
+            Some((idle + TIMEOUTS.idle, Expiry::Close))
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        guard.on_framing(FramingEvent::HeadStarted);
+        assert_eq!(
+            guard.deadline(),
+            Some((
+                idle + Duration::from_secs(5) + TIMEOUTS.header_read,
+                Expiry::Close
+            ))
+        );
+        tokio::time::advance(TIMEOUTS.header_read).await;
+        assert_eq!(guard.expired().await, Expiry::Close);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn verdicts_go_to_their_requests_in_order() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::HeadComplete(None));
+        guard.on_framing(FramingEvent::HeadComplete(Some(
+            HeadViolation::BareLineFeed,
+        )));
+        assert_eq!(guard.request_started().1, None);
+        assert_eq!(guard.request_started().1, Some(HeadViolation::BareLineFeed));
+        assert_eq!(guard.request_started().1, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_http2_connections_go_away() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        let start = Instant::now();
+        assert_eq!(
+            guard.deadline(),
+            Some((start + TIMEOUTS.idle, Expiry::GoAway))
+        );
+        let (first, _) = guard.request_started();
+        let (second, _) = guard.request_started();
+        drop(first);
+        assert_eq!(guard.deadline(), None);
+        drop(second);
+        assert!(guard.deadline().is_some());
+    }
+}
