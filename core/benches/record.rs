@@ -13,7 +13,8 @@ use scoretap_core::record::{
 };
 use scoretap_core::redaction::Redaction;
 
-/// JSON of about `size` bytes: `{"data": [[...], ...]}` of floats, as a scoring request is.
+/// JSON of about `size` bytes: `{"data": [[...], ...]}` of floats, as a scoring request is,
+/// with the `", "` and `": "` separators Python's `json.dumps` (and so `requests`) writes.
 fn json_body(size: usize) -> Vec<u8> {
     let mut text = String::from("{\"data\": [");
     let mut row = 0_u32;
@@ -32,6 +33,12 @@ fn json_body(size: usize) -> Vec<u8> {
     }
     text.push_str("], \"id\": \"abc\"}");
     text.into_bytes()
+}
+
+/// [`json_body`] without whitespace, as most other clients send it.
+fn compact_json_body(size: usize) -> Vec<u8> {
+    let spaced = String::from_utf8(json_body(size)).expect("ASCII");
+    spaced.replace(", ", ",").replace(": ", ":").into_bytes()
 }
 
 /// Text of `size` bytes with quotes, newlines and multibyte characters (not JSON).
@@ -133,6 +140,7 @@ impl Case {
 
 fn record(c: &mut Criterion) {
     let json_1k = json_body(1024);
+    let compact_1k = compact_json_body(1024);
     let json_64k = json_body(64 * 1024);
     let text_64k = text_body(64 * 1024);
     let binary_64k = binary_body(64 * 1024);
@@ -149,6 +157,12 @@ fn record(c: &mut Criterion) {
     mentioned.redaction = Redaction::new(&[], &["$.id".to_owned()]).expect("valid paths");
     let cases = [
         Case::new("json_1KiB", &json_1k, &json_1k, "application/json"),
+        Case::new(
+            "json_1KiB_compact",
+            &compact_1k,
+            &compact_1k,
+            "application/json",
+        ),
         redacted,
         mentioned,
         Case::new("json_64KiB", &json_64k, &json_64k, "application/json"),
