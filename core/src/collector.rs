@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 
 use crate::record::{
-    assemble_into, BodyCapture, RecordInput, RequestPart, ResponsePart, MAXIMUM_RECORD_BYTES,
+    assemble_into, BodyCapture, RecordFit, RecordInput, RequestPart, ResponsePart,
+    MAXIMUM_RECORD_BYTES,
 };
 use crate::redaction::Redaction;
 use crate::ring::{
@@ -773,8 +774,12 @@ fn assemble_exchange(
             },
             response: response_part,
         };
-        assemble_into(&input, &settings.redaction, MAXIMUM_RECORD_BYTES, record);
-        let Some(spill) = settings.spill.as_ref().filter(|_| attempt == 0) else {
+        let fit = assemble_into(&input, &settings.redaction, MAXIMUM_RECORD_BYTES, record);
+        let Some(spill) = settings
+            .spill
+            .as_ref()
+            .filter(|_| attempt == 0 && fit == RecordFit::Cut)
+        else {
             break;
         };
         let response_body = response_body_and_trailers.as_mut().map(|(body, _)| body);

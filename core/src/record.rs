@@ -152,17 +152,33 @@ pub fn assemble(input: &RecordInput<'_>, redaction: &Redaction, maximum_bytes: u
 /// [`assemble`] into `record`, which is cleared first: a caller writing records one after the
 /// other can keep one buffer and spare an allocation per record. The buffer also serves as
 /// scratch space while the record is measured.
+///
+/// Returns [`RecordFit::Whole`] when the record holds every header and both bodies as far as
+/// they were captured (nothing cut to fit), so a caller need not look for `truncated` in it.
 pub fn assemble_into(
     input: &RecordInput<'_>,
     redaction: &Redaction,
     maximum_bytes: usize,
     record: &mut Vec<u8>,
-) {
+) -> RecordFit {
     record.clear();
     let assembly = Assembly::new(input, redaction);
-    if !assembly.fit(maximum_bytes, record) {
-        write_minimal_record(input.id, maximum_bytes, record);
+    match assembly.fit(maximum_bytes, record) {
+        Some(fit) => fit,
+        None => {
+            write_minimal_record(input.id, maximum_bytes, record);
+            RecordFit::Cut
+        }
     }
+}
+
+/// Whether a record had to cut anything to fit its size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordFit {
+    /// Every header and both bodies (as far as captured) are in the record whole.
+    Whole,
+    /// Something was cut or dropped: a header, a field, a body (`truncated: true`).
+    Cut,
 }
 
 /// An exchange prepared once, from which records of decreasing size are built and measured.
@@ -199,21 +215,24 @@ impl<'i> Assembly<'i> {
         }
     }
 
-    /// Writes into `out` the record at the first shrink level that fits; `false` (and `out`
-    /// empty) when none does.
-    fn fit(mut self, maximum: usize, out: &mut Vec<u8>) -> bool {
+    /// Writes into `out` the record at the first shrink level that fits and says whether it is
+    /// whole; `None` (and `out` empty) when none fits.
+    fn fit(mut self, maximum: usize, out: &mut Vec<u8>) -> Option<RecordFit> {
         out.reserve(self.size_estimate().min(maximum));
-        if self.fit_whole(maximum, out) || self.fit_with_headers(maximum, out) {
-            return true;
+        if self.fit_whole(maximum, out) {
+            return Some(RecordFit::Whole);
+        }
+        if self.fit_with_headers(maximum, out) {
+            return Some(RecordFit::Cut);
         }
         let field_limits = [None].into_iter().chain(FIELD_LIMITS.map(Some));
         for field_limit in field_limits {
             let headers = self.header_choices(HeaderState::Dropped);
             if self.fit_bodies(headers, FieldCut(field_limit), maximum, out) {
-                return true;
+                return Some(RecordFit::Cut);
             }
         }
-        false
+        None
     }
 
     /// The common case first: the record with every header and both bodies whole, written once
@@ -2339,6 +2358,25 @@ mod tests {
             record["request"]["body"]["blob"],
             "s3://bucket/bodies/x/request"
         );
+    }
+
+    #[test]
+    fn a_record_says_whether_it_cut_anything() {
+        let small = Exchange::new(
+            capture(b"{\"data\": [[1, 2]]}", None),
+            capture(b"[0.5]", None),
+        );
+        let mut out = Vec::new();
+        let fit = assemble_into(&small.input(), &Redaction::default(), 2_000, &mut out);
+        assert_eq!(fit, RecordFit::Whole);
+        assert!(!contains(&out, "\"truncated\":true"));
+        // The same exchange in less room: the request body is cut.
+        let room = out.len() - 4;
+        let fit = assemble_into(&small.input(), &Redaction::default(), room, &mut out);
+        assert_eq!(fit, RecordFit::Cut);
+        // Nothing can fit: the last-resort record is cut too.
+        let fit = assemble_into(&small.input(), &Redaction::default(), 300, &mut out);
+        assert_eq!(fit, RecordFit::Cut);
     }
 
     #[test]
