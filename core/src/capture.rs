@@ -109,14 +109,22 @@ impl CaptureSelection {
 
     /// Why a body with these headers is not captured, if it is not.
     fn body_exclusion(&self, headers: &HeaderMap) -> Option<&'static str> {
+        if self.excluded_content_types.is_empty() {
+            return None;
+        }
         let media_type = headers
             .get(header::CONTENT_TYPE)?
             .to_str()
             .ok()?
             .split(';')
             .next()?
-            .trim()
-            .to_ascii_lowercase();
+            .trim();
+        // Patterns are lower case; a media type usually is too (no copy on the request path).
+        let media_type = if media_type.bytes().any(|byte| byte.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(media_type.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(media_type)
+        };
         self.excluded_content_types
             .iter()
             .any(|pattern| pattern.matches(&media_type))
@@ -214,10 +222,9 @@ impl Capture {
             exchange,
             at: Instant::now(),
             started_at: SystemTime::now(),
-            correlation_id: correlation_id.to_str().unwrap_or_default().to_owned(),
-            method: request.method().as_str().to_owned(),
-            path: request.uri().path().to_owned(),
-            query: request.uri().query().map(str::to_owned),
+            correlation_id: correlation_id.clone(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
             http_version: version_name(request.version()),
             headers: request.headers().clone(),
             request_body_excluded,
@@ -343,6 +350,11 @@ mod tests {
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
         assert_eq!(selection.body_exclusion(&headers), None);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(" video/mp4; codecs=avc1"),
+        );
+        assert_eq!(selection.body_exclusion(&headers), Some("content_type"));
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl SpillSettings {
                 Direction::Request => "request",
                 Direction::Response => "response",
             },
-            date: date.clone(),
+            date: *date,
             ..KeyValues::default()
         })
     }
@@ -756,7 +756,7 @@ fn assemble_exchange(
         };
         let input = RecordInput {
             id: &id,
-            correlation_id: &start.correlation_id,
+            correlation_id: start.correlation_id.to_str().unwrap_or_default(),
             service: &settings.service,
             started_at: start.started_at,
             duration_ms: duration.as_secs_f64() * 1000.0,
@@ -765,9 +765,9 @@ fn assemble_exchange(
                 .as_ref()
                 .map(|(kind, message)| (*kind, message.as_str())),
             request: RequestPart {
-                method: &start.method,
-                path: &start.path,
-                query: start.query.as_deref(),
+                method: start.method.as_str(),
+                path: start.uri.path(),
+                query: start.uri.query(),
                 http_version: start.http_version,
                 headers: &start.headers,
                 body: &request_body,
@@ -802,7 +802,12 @@ fn assemble_exchange(
             .as_ref()
             .zip(response_body_and_trailers.as_ref())
             .map(|(head, (body, _))| (head.status, body));
-        modeldata.write_exchange(&timestamp, &start.correlation_id, &request_body, response);
+        modeldata.write_exchange(
+            &timestamp,
+            start.correlation_id.to_str().unwrap_or_default(),
+            &request_body,
+            response,
+        );
     }
     outcome
 }

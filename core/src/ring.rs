@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 
 /// What the ring does with an event when it is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +55,12 @@ pub struct ExchangeStart {
     pub exchange: ExchangeId,
     pub at: Instant,
     pub started_at: std::time::SystemTime,
-    pub correlation_id: String,
-    pub method: String,
-    pub path: String,
-    pub query: Option<String>,
+    /// Held as the proxy has them (reference-counted clones, no copy on the request path);
+    /// read as text by the collector.
+    pub correlation_id: HeaderValue,
+    pub method: Method,
+    /// The request target: its path and query are recorded.
+    pub uri: Uri,
     pub http_version: &'static str,
     pub headers: HeaderMap,
     /// Why the request body is not captured, if it is not.
@@ -118,7 +120,10 @@ impl ExchangeStart {
     /// An estimate of what this head holds in memory.
     pub fn budget_bytes(&self) -> u64 {
         256 + header_bytes(&self.headers)
-            + (self.path.len() + self.query.as_ref().map_or(0, String::len)) as u64
+            + self
+                .uri
+                .path_and_query()
+                .map_or(0, |target| target.as_str().len()) as u64
     }
 }
 

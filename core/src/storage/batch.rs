@@ -107,7 +107,7 @@ impl RotatingFile {
             })?;
             let key = self.template.render(&KeyValues {
                 sequence: number,
-                date: date.clone(),
+                date,
                 ..values.clone()
             });
             let file = self.staging.create(&key, None)?;

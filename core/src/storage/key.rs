@@ -75,27 +75,60 @@ pub struct KeyValues<'a> {
     pub date: DateParts,
 }
 
-/// The UTC date parts of one instant.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The UTC date parts of one instant: what key templates name `{yyyy}`, `{mm}`, `{dd}`, `{HH}`.
+/// Plain numbers, so taking them for every record allocates nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DateParts {
-    pub year: String,
-    pub month: String,
-    pub day: String,
-    pub hour: String,
+    pub year: u32,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
 }
 
 impl DateParts {
     pub fn of(time: SystemTime) -> Self {
-        // 2026-11-23T17:20:45Z
-        let text = humantime::format_rfc3339_seconds(time).to_string();
-        let part = |range: std::ops::Range<usize>| text.get(range).unwrap_or("00").to_owned();
+        let seconds = time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let (year, month, day) = civil_from_days(seconds / 86_400);
         Self {
-            year: part(0..4),
-            month: part(5..7),
-            day: part(8..10),
-            hour: part(11..13),
+            year,
+            month,
+            day,
+            hour: (seconds % 86_400 / 3_600) as u32,
         }
     }
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01: the
+/// `civil_from_days` algorithm of Howard Hinnant's "chrono-Compatible Low-Level Date
+/// Algorithms", for days on or after the epoch.
+fn civil_from_days(days: u64) -> (u32, u32, u32) {
+    let shifted = days + 719_468; // days since 0000-03-01
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (
+        u32::try_from(year).unwrap_or(u32::MAX),
+        month as u32,
+        day as u32,
+    )
+}
+
+/// Appends `value` zero-padded to `width` digits.
+fn push_padded(key: &mut String, value: u32, width: usize) {
+    use std::fmt::Write;
+    let _ = write!(key, "{value:0width$}");
 }
 
 impl KeyTemplate {
@@ -156,12 +189,15 @@ impl KeyTemplate {
                 Part::Literal(text) => key.push_str(text),
                 Part::Field(field) => match field {
                     KeyField::Service => key.push_str(values.service),
-                    KeyField::Year => key.push_str(&values.date.year),
-                    KeyField::Month => key.push_str(&values.date.month),
-                    KeyField::Day => key.push_str(&values.date.day),
-                    KeyField::Hour => key.push_str(&values.date.hour),
+                    KeyField::Year => push_padded(&mut key, values.date.year, 4),
+                    KeyField::Month => push_padded(&mut key, values.date.month, 2),
+                    KeyField::Day => push_padded(&mut key, values.date.day, 2),
+                    KeyField::Hour => push_padded(&mut key, values.date.hour, 2),
                     KeyField::Instance => key.push_str(values.instance),
-                    KeyField::Sequence => key.push_str(&format!("{:06}", values.sequence)),
+                    KeyField::Sequence => {
+                        use std::fmt::Write;
+                        let _ = write!(key, "{:06}", values.sequence);
+                    }
                     KeyField::TraceId => key.push_str(values.trace_id),
                     KeyField::Direction => key.push_str(values.direction),
                     KeyField::Kind => key.push_str(values.kind),
@@ -204,6 +240,23 @@ mod tests {
             bodies.render(&values),
             "bodies/scoring/2026/11/23/0190-x/request"
         );
+    }
+
+    #[test]
+    fn date_parts_agree_with_rfc3339_from_1970_past_2400() {
+        // Steps of a little over 11 hours cross every month end, leap day and century rule.
+        let mut seconds = 0_u64;
+        while seconds < 13_700_000_000 {
+            let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+            let text = humantime::format_rfc3339_seconds(time).to_string();
+            let date = DateParts::of(time);
+            let expected = format!(
+                "{:04}-{:02}-{:02}T{:02}",
+                date.year, date.month, date.day, date.hour
+            );
+            assert_eq!(text.get(..13), Some(expected.as_str()), "{seconds}");
+            seconds += 40_009;
+        }
     }
 
     #[test]
