@@ -17,6 +17,7 @@ use crate::body::ResponseBody;
 use crate::proxy::Proxy;
 use crate::query::{query_directory, StatusFilter, TraceQuery};
 use crate::ring::DropReason;
+use crate::secret::Secret;
 use crate::sink::StoreLocation;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -30,7 +31,7 @@ const MAXIMUM_TRACE_LIMIT: usize = 1_000;
 pub struct AdminState {
     proxy: Arc<Proxy>,
     draining: Arc<AtomicBool>,
-    token: Option<Arc<str>>,
+    token: Option<Secret>,
     /// The store `GET /traces` reads, and the directory of its batches.
     store: Option<(StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
@@ -40,14 +41,14 @@ impl AdminState {
     pub fn new(
         proxy: Arc<Proxy>,
         draining: Arc<AtomicBool>,
-        token: Option<String>,
+        token: Option<Secret>,
         store: Option<(StoreLocation, String)>,
         prometheus: Option<PrometheusHandle>,
     ) -> Self {
         Self {
             proxy,
             draining,
-            token: token.map(Arc::from),
+            token,
             store,
             prometheus,
         }
@@ -162,7 +163,7 @@ impl AdminState {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .unwrap_or_default();
-        if constant_time_equal(presented.as_bytes(), token.as_bytes()) {
+        if constant_time_equal(presented.as_bytes(), token.expose().as_bytes()) {
             None
         } else {
             let mut response = json(StatusCode::UNAUTHORIZED, r#"{"error":"unauthorized"}"#);

@@ -17,7 +17,8 @@
 //! - [`record`], [`redaction`]: the `scoretap.trace/1` record, cut to 64 KB, with secrets removed;
 //! - [`sink`]: stdout and rotating local files;
 //! - [`query`]: reading records back;
-//! - [`metrics`]: every exported metric, defined once.
+//! - [`metrics`]: every exported metric, defined once;
+//! - [`secret`]: tokens and keys that print as `[redacted]`.
 
 pub mod admin;
 pub mod body;
@@ -33,6 +34,7 @@ pub mod record;
 pub mod redaction;
 pub mod returnable;
 pub mod ring;
+pub mod secret;
 pub mod server;
 pub mod sink;
 pub mod storage;

@@ -99,7 +99,7 @@ pub struct ServerSettings {
     /// Capture of every exchange; `None` runs a plain proxy.
     pub capture: Option<CaptureSettings>,
     /// Bearer token for the admin's mutating endpoints (`PUT /capture`); `None` refuses them.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<crate::secret::Secret>,
     /// Export Prometheus metrics at the admin's `GET /metrics`.
     pub metrics: bool,
     pub limits: Limits,
@@ -138,7 +138,7 @@ pub struct BoundServer {
     drain_timeout: Duration,
     draining: Arc<AtomicBool>,
     collector: Option<CollectorStopper>,
-    admin_token: Option<String>,
+    admin_token: Option<crate::secret::Secret>,
     store: Option<(crate::sink::StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
     builder: Arc<auto::Builder<TokioExecutor>>,

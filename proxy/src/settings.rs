@@ -18,6 +18,7 @@ use scoretap_core::headers::{ForwardedMode, ForwardingPolicy};
 use scoretap_core::modeldata::ModeldataColumns;
 use scoretap_core::proxy::{ProxySettings, DEFAULT_MAX_HEADERS, DEFAULT_MAX_REQUEST_BODY_BYTES};
 use scoretap_core::redaction::Redaction;
+use scoretap_core::secret::Secret;
 use scoretap_core::server::{Limits, MINIMUM_HEADER_BYTES};
 use scoretap_core::sink::StoreLocation;
 use scoretap_core::storage::batch::BatchSettings;
@@ -166,9 +167,10 @@ pub struct RunArgs {
         long,
         env = "SCORETAP_ADMIN_TOKEN",
         value_name = "TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = parse_secret
     )]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Names this process in trace file names [default: the host name]
     #[arg(long, env = "SCORETAP_INSTANCE", value_name = "NAME", value_parser = parse_service)]
     pub instance: Option<String>,
@@ -308,7 +310,7 @@ struct FileSettings {
     capture_buffer_slots: Option<usize>,
     redact_headers: Option<FileList>,
     redact_json: Option<FileList>,
-    admin_token: Option<String>,
+    admin_token: Option<Secret>,
     instance: Option<String>,
     trace_file_bytes: Option<FileSize>,
     trace_batch_age: Option<String>,
@@ -395,8 +397,7 @@ pub struct RunSettings {
     pub capture_buffer_slots: usize,
     pub redact_headers: Vec<String>,
     pub redact_json: Vec<String>,
-    #[serde(serialize_with = "serialize_secret")]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     pub instance: String,
     pub trace_file_bytes: u64,
     #[serde(serialize_with = "serialize_duration")]
@@ -432,14 +433,9 @@ fn serialize_store<S: serde::Serializer>(
 }
 
 /// Secrets are never printed, only whether they are set.
-fn serialize_secret<S: serde::Serializer>(
-    value: &Option<String>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match value {
-        Some(_) => serializer.serialize_str("[redacted]"),
-        None => serializer.serialize_none(),
-    }
+/// A secret flag's value; it prints as `[redacted]` from here on.
+fn parse_secret(value: &str) -> Result<Secret, String> {
+    Ok(Secret::new(value))
 }
 
 fn serialize_display<S: serde::Serializer>(value: &Uri, serializer: S) -> Result<S::Ok, S::Error> {
@@ -768,8 +764,8 @@ impl RunArgs {
         })?;
         if args
             .admin_token
-            .as_deref()
-            .is_some_and(|token| token.len() < 8)
+            .as_ref()
+            .is_some_and(|token| token.expose().len() < 8)
         {
             return Err(SettingsError::Invalid(
                 "invalid value for '--admin-token <TOKEN>': expected at least 8 characters".into(),

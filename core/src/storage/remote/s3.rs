@@ -56,13 +56,23 @@ const MAXIMUM_PARTS: u64 = 10_000;
 /// Parts uploaded at the same time in a multipart upload.
 const PARTS_IN_FLIGHT: usize = 2;
 
-/// One bucket and key prefix.
-#[derive(Debug)]
+/// One bucket and key prefix. `Debug` leaves the client out: its configuration holds the
+/// credentials provider.
 pub(super) struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
     prefix: String,
     context: ErrorContext,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S3Store {
