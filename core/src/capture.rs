@@ -437,6 +437,18 @@ pub struct CaptureRuntime {
     uploader: Option<crate::storage::uploader::Uploader>,
 }
 
+/// A directory capture writes to could not be set up: the error names it and the flag that
+/// moves it (a read-only root filesystem needs both on a writable volume).
+fn unwritable(error: std::io::Error, directory: &std::path::Path, flag: &str) -> std::io::Error {
+    std::io::Error::new(
+        error.kind(),
+        format!(
+            "{}: {error} (set {flag} to a writable directory)",
+            directory.display()
+        ),
+    )
+}
+
 impl CaptureRuntime {
     /// Creates the ring, the store's staging (and for a remote store the spool and its
     /// uploader, replaying what a previous process left), and starts the collector thread.
@@ -457,7 +469,9 @@ impl CaptureRuntime {
         let mut uploader = None;
         let staging = match &settings.store {
             StoreLocation::Stdout => None,
-            StoreLocation::Directory(root) => Some(Arc::new(Staging::local(root)?)),
+            StoreLocation::Directory(root) => Some(Arc::new(
+                Staging::local(root).map_err(|error| unwritable(error, root, "--store"))?,
+            )),
             remote => {
                 let budget = Arc::new(SpoolBudget::new(storage.spool_maximum_bytes));
                 let (running, queue) = crate::storage::uploader::Uploader::start(
@@ -469,7 +483,10 @@ impl CaptureRuntime {
                 )
                 .map_err(|error| std::io::Error::other(error.to_string()))?;
                 let (staging, leftovers) =
-                    Staging::spool(&storage.spool_directory, queue.clone(), budget.clone())?;
+                    Staging::spool(&storage.spool_directory, queue.clone(), budget.clone())
+                        .map_err(|error| {
+                            unwritable(error, &storage.spool_directory, "--spool-dir")
+                        })?;
                 if !leftovers.is_empty() {
                     let bytes: u64 = leftovers.iter().map(|object| object.bytes).sum();
                     tracing::info!(
