@@ -213,6 +213,10 @@ fn check_config_prints_no_secret() {
     );
     assert_eq!(output.code(), Some(0), "{}", output.stderr);
     assert!(output.stdout.contains("[redacted]"), "{}", output.stdout);
+    // The admin (which can switch capture and read records) is on loopback unless moved.
+    let config: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
+    assert_eq!(config["admin_listen"], "127.0.0.1:9901");
+    assert_eq!(config["admin_token"], "[redacted]");
     let everything = format!("{}{}", output.stdout, output.stderr);
     assert_eq!(leaked(&everything), Vec::<&str>::new(), "{everything}");
 }

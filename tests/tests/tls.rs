@@ -73,6 +73,36 @@ async fn tls_alpn_and_protocol_versions() {
         "TLS ≤ 1.1 handshake must fail: {}",
         o.stdout_str()
     );
+    // TLS 1.2 with only CBC (non-AEAD) suites offered is refused; an AEAD suite works.
+    for (ciphers, accepted) in [
+        (
+            "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:AES128-SHA:AES256-SHA256",
+            false,
+        ),
+        (
+            "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256",
+            true,
+        ),
+    ] {
+        let o = scoretap_tests::harness::curl(&[
+            "--cacert",
+            &ca,
+            "--tlsv1.2",
+            "--tls-max",
+            "1.2",
+            "--ciphers",
+            ciphers,
+            &url,
+        ])
+        .await;
+        assert_eq!(
+            o.code == Some(0),
+            accepted,
+            "TLS 1.2 with {ciphers}: exit {:?} {}",
+            o.code,
+            o.stdout_str()
+        );
+    }
 }
 
 /// The leaf certificate (DER) the server presents to a client trusting `trust`'s CA.
