@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Peer benchmark: scoretap against nginx, HAProxy, Envoy and Envoy-with-tap, all proxying the
-# same fast nginx upstream, driven by the shared harness ../shared/bench/peers/run.sh (wrk with
-# a 1 KiB JSON POST; upstream + wrk pinned to CPU 0, the proxy alone on CPU 1).
+# same fast nginx upstream, driven by the shared harness ../shared/bench/peers/run.sh (wrk POSTs
+# of a JSON body; upstream + wrk pinned to CPU 0, the proxy alone on CPU 1), once per body size;
+# then a constant-rate latency run (h2load --rps, HTTP/1.1, 1 KiB) of direct, nginx and scoretap.
 #
 # Usage: scripts/bench-peers.sh [seconds=10] [connections=64] [target ...]
 #   targets: direct nginx haproxy envoy envoy-tap scoretap scoretap-nocap
 #            (default: all of them; scoretap captures every exchange, scoretap-nocap does not)
 # Env: CARGO_TARGET_DIR (default ~/.cache/scoretap/target, as scripts/test.sh),
 #      SCORETAP_BIN (skip the release build and use this binary), SCORETAP_ARGS /
-#      SCORETAP_NOCAP_ARGS (extra flags, passed through to run.sh), PEERS_DIR (harness folder).
-# Writes bench/results/peers-<UTC date-time>.txt and prints it, plus scoretap/nginx req/s.
+#      SCORETAP_NOCAP_ARGS (extra flags, passed through to run.sh), PEERS_DIR (harness folder),
+#      BODY_SIZES (default "1k 64k 1m"), RATE (default 2000 req/s; 0 skips the latency run),
+#      RATE_SECONDS (default 10).
+# Writes bench/results/peers-<UTC date-time>.txt and prints it: a table per body size with
+# ratios against nginx and direct, the latency table, and issue 8's goals marked met or not.
 # A target whose program is missing (or whose scoretap build failed) gets a "missing" row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,46 +61,148 @@ available() {
 
 mkdir -p bench/results
 OUT=bench/results/peers-$(date -u +%Y%m%d-%H%M%SZ).txt
-line() { printf "%-15s %10s %9s %9s %9s\n" "$@"; }  # same columns as run.sh
+read -r -a SIZES <<<"${BODY_SIZES:-1k 64k 1m}"
+RATE=${RATE:-2000}; RATE_SECONDS=${RATE_SECONDS:-10}
+
+# Request bodies: JSON of the asked size (the shared 1 KiB one for 1k).
+BODIES=$(mktemp -d /tmp/scoretap-bench-bodies.XXXXXX)
+trap 'rm -rf "$BENCH_STORE" "$BODIES"' EXIT
+body_file() {  # body_file SIZE -> path
+  local size=$1 bytes
+  if [[ $size == 1k ]]; then echo "$PEERS_DIR/body-1k.json"; return; fi
+  case $size in
+    *k) bytes=$(( ${size%k} * 1024 )) ;;
+    *m) bytes=$(( ${size%m} * 1024 * 1024 )) ;;
+    *) bytes=$size ;;
+  esac
+  local path=$BODIES/body-$size.json
+  [[ -f $path ]] || python3 -c "
+import sys
+n = int(sys.argv[1]); row = '[0.125, 1.5, 2.25, 3.75, 4.5, 5.25, 6.75, 7.5], '
+head = '{\"data\": ['; tail = '[0.0]], \"meta\": \"bench\"}'
+rows = row * ((n - len(head) - len(tail)) // len(row))
+text = head + rows + tail
+sys.stdout.write(text + ' ' * (n - len(text)))" "$bytes" >"$path"
+  echo "$path"
+}
+
+line() { printf "%-15s %10s %9s %9s %9s %9s %9s\n" "$@"; }
 {
   echo "# scoretap peer benchmark $(date -u +%Y-%m-%dT%H:%M:%SZ)  rev $(git rev-parse --short HEAD 2>/dev/null || echo none)"
-  echo "# ${D}s per target, ${C} connections, wrk -t1 POST 1 KiB JSON; upstream+wrk on CPU 0, proxy on CPU 1"
+  echo "# ${D}s per target, ${C} connections, wrk -t1 POST JSON; upstream+wrk on CPU 0, proxy on CPU 1"
   echo "# $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-  line target req/s p50_ms p99_ms errors
 } >"$OUT"
 
-for t in "${TARGETS[@]}"; do
-  if ! available "$t"; then
-    line "$t" missing - - - >>"$OUT"
-    echo "bench-peers: $t missing" >&2
-    continue
-  fi
-  echo "==> $t (${D}s)" >&2
-  # One harness run per target: a fresh upstream each time, and a failing target cannot stop the rest.
-  row=$(bash "$PEERS_DIR/run.sh" "$D" "$C" "$t" 2>"/tmp/bench-peers-$t.err" | awk -v t="$t" '$1 == t' || true)
-  if ! awk 'NF >= 5 && $2 ~ /^[0-9.]+$/ {ok = 1} END {exit !ok}' <<<"$row"; then
-    # no req/s: the proxy did not start or wrk could not connect
-    echo "run.sh row: $row" >>"/tmp/bench-peers-$t.err"
-    line "$t" failed - - "see /tmp/bench-peers-$t.err" >>"$OUT"
-  else
-    echo "$row" >>"$OUT"
-  fi
+rps() { awk -v t="$1" '$1 == t && $2 ~ /^[0-9.]+$/ {print $2}' "$2"; }
+divide() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
+
+for size in "${SIZES[@]}"; do
+  BODY=$(body_file "$size"); export BODY
+  table=$(mktemp)
+  for t in "${TARGETS[@]}"; do
+    if ! available "$t"; then
+      echo "$t missing - - -" >>"$table"
+      echo "bench-peers: $t missing" >&2
+      continue
+    fi
+    echo "==> $t, $size bodies (${D}s)" >&2
+    # One harness run per target: a fresh upstream each time, and a failing target cannot stop
+    # the rest.
+    row=$(bash "$PEERS_DIR/run.sh" "$D" "$C" "$t" 2>"/tmp/bench-peers-$t.err" | awk -v t="$t" '$1 == t' || true)
+    if ! awk 'NF >= 5 && $2 ~ /^[0-9.]+$/ {ok = 1} END {exit !ok}' <<<"$row"; then
+      echo "run.sh row: $row" >>"/tmp/bench-peers-$t.err"
+      echo "$t failed - - see_/tmp/bench-peers-$t.err" >>"$table"
+    else
+      echo "$row" >>"$table"
+    fi
+  done
+  nginx_rps=$(rps nginx "$table"); direct_rps=$(rps direct "$table")
+  {
+    echo
+    echo "## $size request bodies"
+    line target req/s p50_ms p99_ms errors vs_nginx vs_direct
+    while read -r t r p50 p99 errors; do
+      vs_nginx=-; vs_direct=-
+      if [[ $r =~ ^[0-9.]+$ ]]; then
+        [[ -n $nginx_rps ]] && vs_nginx=$(divide "$r" "$nginx_rps")
+        [[ -n $direct_rps ]] && vs_direct=$(divide "$r" "$direct_rps")
+      fi
+      line "$t" "$r" "$p50" "$p99" "$errors" "$vs_nginx" "$vs_direct"
+    done <"$table"
+    goal() {  # goal NAME A B MINIMUM
+      local a b
+      a=$(rps "$2" "$table"); b=$(rps "$3" "$table")
+      if [[ -n $a && -n $b ]]; then
+        local r; r=$(divide "$a" "$b")
+        echo "# goal $1 >= $4: $r $(awk -v r="$r" -v m="$4" 'BEGIN {print (r >= m) ? "met" : "NOT met"}')"
+      else
+        echo "# goal $1 >= $4: n/a ($2 ${a:-no number}, $3 ${b:-no number})"
+      fi
+    }
+    goal "capture on / nginx" scoretap nginx 1.0
+    goal "capture on / envoy-tap" scoretap envoy-tap 3.0
+    goal "capture on / capture off" scoretap scoretap-nocap 0.95
+  } >>"$OUT"
+  rm -f "$table"
 done
 
-rps() { awk -v t="$1" '$1 == t && $2 ~ /^[0-9.]+$/ {print $2}' "$OUT"; }
-ratio() {  # ratio NAME A B: req/s of A over req/s of B
-  local a b
-  a=$(rps "$2"); b=$(rps "$3")
-  if [[ -n $a && -n $b ]]; then
-    echo "# $1: $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.3f", a / b}')" >>"$OUT"
-  else
-    echo "# $1: n/a ($2 ${a:-no number}, $3 ${b:-no number})" >>"$OUT"
-  fi
+# Constant rate: RATE req/s (20 paced HTTP/1.1 connections of RATE/20 each) for RATE_SECONDS,
+# per-request latencies from h2load's log. A connection sends its next request at its pace or
+# when its response arrives, whichever is later: below the 1/(RATE/20) pacing interval (10 ms at
+# 2,000 req/s) the percentiles are exact, above it they are lower bounds (coordinated omission).
+latency_run() {  # latency_run TARGET -> "p50 p99 p99.9 requests errors" in ms
+  local t=$1 port pid="" up log
+  log=$(mktemp)
+  (cd "$PEERS_DIR" && exec taskset -c 0 nginx -c "$PEERS_DIR/upstream-nginx.conf" -p /tmp) &
+  up=$!
+  sleep 0.5
+  case $t in
+    direct) port=18080 ;;
+    nginx) (cd "$PEERS_DIR" && exec taskset -c 1 nginx -c "$PEERS_DIR/proxy-nginx.conf" -p /tmp) & pid=$!; port=18081 ;;
+    scoretap) # shellcheck disable=SC2086
+      taskset -c 1 "$SCORETAP_BIN" $SCORETAP_ARGS --listen 127.0.0.1:18085 --upstream http://127.0.0.1:18080 \
+        >/tmp/bench-peers-rate-scoretap.log 2>&1 & pid=$!; port=18085 ;;
+  esac
+  for _ in $(seq 50); do
+    curl -s -o /dev/null -X POST --data-binary @"$PEERS_DIR/body-1k.json" "http://127.0.0.1:$port/score" && break
+    sleep 0.1
+  done
+  taskset -c 0 h2load --h1 -c 20 --rps $(( RATE / 20 )) -D "$RATE_SECONDS" -d "$PEERS_DIR/body-1k.json" \
+    -H 'content-type: application/json' --log-file="$log" "http://127.0.0.1:$port/score" >/dev/null 2>&1 || true
+  [[ -n $pid ]] && { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; }
+  kill "$up" 2>/dev/null; wait "$up" 2>/dev/null || true
+  sort -n -k3 "$log" | awk '
+    { latency[NR] = $3 / 1000; if ($2 < 200 || $2 >= 300) errors++ }
+    END {
+      if (NR == 0) { print "- - - 0 -"; exit }
+
+      i50 = int(NR * 0.50); if (i50 < 1) i50 = 1
+      i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+      i999 = int(NR * 0.999); if (i999 < 1) i999 = 1
+      printf "%.3f %.3f %.3f %d %d\n", latency[i50], latency[i99], latency[i999], NR, errors + 0
+    }'
+  rm -f "$log"
+  sleep 0.5
 }
-ratio "scoretap (capture on)/nginx req/s" scoretap nginx
-ratio "scoretap (capture off)/nginx req/s" scoretap-nocap nginx
-ratio "scoretap capture on/off req/s" scoretap scoretap-nocap
-ratio "scoretap (capture on)/envoy-tap req/s" scoretap envoy-tap
+
+if (( RATE > 0 )) && command -v h2load >/dev/null; then
+  {
+    echo
+    echo "## constant rate: $RATE req/s for ${RATE_SECONDS}s, 1 KiB bodies, HTTP/1.1 (h2load --rps)"
+    printf "%-15s %9s %9s %9s %9s %7s %14s\n" target p50_ms p99_ms p99.9_ms requests errors p99_over_direct
+  } >>"$OUT"
+  direct_p99=""
+  for t in direct nginx scoretap; do
+    [[ $t == scoretap && ! -x ${SCORETAP_BIN:-} ]] && continue
+    echo "==> $t at $RATE req/s (${RATE_SECONDS}s)" >&2
+    read -r p50 p99 p999 n errors <<<"$(latency_run "$t")"
+    [[ $t == direct ]] && direct_p99=$p99
+    over=-
+    [[ $p99 =~ ^[0-9.]+$ && $direct_p99 =~ ^[0-9.]+$ ]] && over=$(awk -v a="$p99" -v b="$direct_p99" 'BEGIN {printf "%+.3f", a - b}')
+    printf "%-15s %9s %9s %9s %9s %7s %14s\n" "$t" "$p50" "$p99" "$p999" "$n" "$errors" "$over" >>"$OUT"
+    [[ $t == scoretap ]] && echo "# goal added p99 at $RATE req/s <= 0.5 ms: $over ms $(awk -v o="$over" 'BEGIN {print (o + 0 <= 0.5) ? "met" : "NOT met"}')" >>"$OUT"
+  done
+fi
 
 cat "$OUT"
 echo "(saved to $OUT)" >&2
