@@ -72,7 +72,7 @@ for round in $(seq "$ROUNDS"); do
   for sink in live dead stalled; do
     spool=$WORK/spool-$sink-$round
     export SCORETAP_ARGS="--store s3://scoretap-bench/$sink --s3-endpoint $(endpoint "$sink") --spool-dir $spool --trace-batch-age 1s --admin-listen 127.0.0.1:$ADMIN_PORT --log-level error"
-    # /readyz every 200 ms while the load runs (from the first 200 until D - 1 s later; after
+    # /readyz every 200 ms while the load runs (from the first 200 until D - 2 s later; after
     # the run scoretap drains, and says so with 503): it must stay 200 whatever the sink does.
     (
       for _ in $(seq 100); do
@@ -80,7 +80,7 @@ for round in $(seq "$ROUNDS"); do
         sleep 0.1
       done
       not_ready=0 codes=""
-      for _ in $(seq $(( (D - 1) * 5 ))); do
+      for _ in $(seq $(( (D - 2) * 5 ))); do
         code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$ADMIN_PORT/readyz" || true)
         [[ $code == 200 ]] || { not_ready=$((not_ready + 1)); codes+=" $code"; }
         sleep 0.2
