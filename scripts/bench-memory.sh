@@ -4,7 +4,9 @@
 # `memory_load` (tests/src/bin/memory_load.rs: a hyper client and upstream in one process, the
 # upstream checking each body's SHA-256) against the release scoretap, with capture on (a
 # `file://` store in a temp directory: the spilled bodies take about 11 GB there while it runs),
-# then with capture off.
+# then with capture off. Both with `--connect-timeout 30s`: the upstream shares its process with
+# a client producing and hashing 11 GB, and its accept loop can lag past the default 5 s (504s
+# that are the harness's, not scoretap's).
 #
 # Usage: scripts/bench-memory.sh [uploads=1000] [upload-MiB=10] [large-MiB=1024]
 # Env: CARGO_TARGET_DIR (default ~/.cache/scoretap/target), SCORETAP_BIN.
@@ -37,8 +39,8 @@ run() {
   echo "# scoretap memory under load $(date -u +%Y-%m-%dT%H:%M:%SZ)  rev $(git rev-parse --short HEAD 2>/dev/null || echo none)"
   echo "# release build; $(nproc) cores; ulimit -n $(ulimit -n)"
   echo "## capture on"
-  run
+  run --connect-timeout 30s
   echo "## capture off"
-  run --capture false
+  run --capture false --connect-timeout 30s
 } 2>&1 | tee "$OUT"
 echo "(saved to $OUT)" >&2

@@ -83,6 +83,9 @@ impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedTarget
 
 type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
 
+/// The most an upstream HTTP/1.1 connection buffers, each way (hyper's minimum is 8 KiB).
+const UPSTREAM_BUFFER_BYTES: usize = 64 * 1024;
+
 /// The upstream endpoint and its connection pool.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -143,6 +146,12 @@ impl Upstream {
             .http2_adaptive_window(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_while_idle(false)
+            // hyper queues request body frames for a connection until this many bytes wait
+            // (400 KiB by default) before it stops reading the client's body: with many
+            // concurrent uploads to a slower upstream that is most of the proxy's memory. Body
+            // frames are at most the server's read buffer (64 KiB), so this still lets a whole
+            // frame through while bounding each upload to about twice that.
+            .http1_max_buf_size(UPSTREAM_BUFFER_BYTES)
             .set_host(false);
         Ok(Self {
             client: client.build(connector),
