@@ -41,9 +41,13 @@ impl From<String> for Secret {
     }
 }
 
+/// A value of the wrong type is refused without quoting it (serde's own message would).
 impl<'de> serde::Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Self::from)
+        use serde::de::Error as _;
+        String::deserialize(deserializer)
+            .map(Self::from)
+            .map_err(|_| D::Error::custom("expected a string (a secret's value is never shown)"))
     }
 }
 
@@ -51,6 +55,35 @@ impl serde::Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(REDACTED_SECRET)
     }
+}
+
+/// `text` with the user information of every URL in it (`scheme://user:password@host`)
+/// replaced by [`REDACTED_SECRET`], for messages that quote a URL someone typed. A URL's extent
+/// is taken generously (up to whitespace or a quote), so a password with an unescaped `/`, `?`
+/// or `#` in it is still covered; an `@` further on in a path may make it cut more than needed.
+pub fn redact_url_credentials(text: &str) -> String {
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let authority_start = scheme_end + 3;
+        redacted.push_str(&rest[..authority_start]);
+        let after = &rest[authority_start..];
+        let extent = after
+            .find(|character: char| {
+                character.is_whitespace() || matches!(character, '"' | '\'' | '`' | '<' | '>')
+            })
+            .unwrap_or(after.len());
+        match after[..extent].rfind('@') {
+            Some(at) => {
+                redacted.push_str(REDACTED_SECRET);
+                redacted.push_str(&after[at..extent]);
+            }
+            None => redacted.push_str(&after[..extent]),
+        }
+        rest = &after[extent..];
+    }
+    redacted.push_str(rest);
+    redacted
 }
 
 #[cfg(test)]
@@ -83,5 +116,38 @@ mod tests {
         assert_eq!(secret.expose(), "s3cr3t-t0ken-value");
         let parsed: Secret = serde_json::from_str("\"from-a-file\"").expect("deserializes");
         assert_eq!(parsed.expose(), "from-a-file");
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted() {
+        let error = serde_json::from_str::<Secret>("918273645").expect_err("not a string");
+        let text = error.to_string();
+        assert!(!text.contains("918273645"), "{text}");
+        assert!(text.contains("expected a string"), "{text}");
+    }
+
+    #[test]
+    fn url_credentials_are_redacted() {
+        for (text, expected) in [
+            (
+                "invalid value 'https://user:hunter2@host.example:8443/score' for '--upstream'",
+                "invalid value 'https://[redacted]@host.example:8443/score' for '--upstream'",
+            ),
+            (
+                "a http://AKIA:s3cr%2Ft@minio:9000 and b ftp://x:y@z",
+                "a http://[redacted]@minio:9000 and b ftp://[redacted]@z",
+            ),
+            // An unescaped '/' or '#' in the password ends the authority early; still covered.
+            ("url https://u:pa/ss#w@h/x", "url https://[redacted]@h/x"),
+            (
+                "GET http://127.0.0.1:9/c/k?sv=1 failed",
+                "GET http://127.0.0.1:9/c/k?sv=1 failed",
+            ),
+            ("no url at all: a@b", "no url at all: a@b"),
+            ("trailing ://", "trailing ://"),
+            ("ünïcode https://ü:ß@h", "ünïcode https://[redacted]@h"),
+        ] {
+            assert_eq!(redact_url_credentials(text), expected, "{text}");
+        }
     }
 }

@@ -46,13 +46,13 @@ struct TracesArgs {
     #[arg(long, env = "SCORETAP_TRACE_KEY_TEMPLATE", value_name = "TEMPLATE", default_value = scoretap_core::storage::key::DEFAULT_TRACE_TEMPLATE)]
     trace_key_template: String,
     /// Endpoint of an S3-compatible store (else AWS_ENDPOINT_URL, else AWS)
-    #[arg(long, env = "SCORETAP_S3_ENDPOINT", value_name = "URL")]
+    #[arg(long, env = "SCORETAP_S3_ENDPOINT", value_name = "URL", value_parser = settings::parse_endpoint)]
     s3_endpoint: Option<String>,
     /// S3 region (else AWS_REGION, the profile, or us-east-1)
     #[arg(long, env = "SCORETAP_S3_REGION", value_name = "REGION")]
     s3_region: Option<String>,
     /// Azure Blob endpoint (else from AZURE_STORAGE_* variables)
-    #[arg(long, env = "SCORETAP_AZURE_ENDPOINT", value_name = "URL")]
+    #[arg(long, env = "SCORETAP_AZURE_ENDPOINT", value_name = "URL", value_parser = settings::parse_endpoint)]
     azure_endpoint: Option<String>,
     /// Only records whose JSON contains this text
     #[arg(long, value_name = "TEXT")]
@@ -77,7 +77,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(error),
+    };
     match cli.command {
         Some(Command::Demo(args)) => {
             init_logging(LogFormat::Text, "warn");
@@ -87,6 +90,20 @@ fn main() -> ExitCode {
         Some(Command::Traces(args)) => traces(args),
         None => run(cli.run),
     }
+}
+
+/// Prints a command-line error as clap words it, with credentials redacted: clap quotes a
+/// refused value back (`invalid value 'https://user:password@host'`, a SAS's `sig=`).
+fn usage_error(error: clap::Error) -> ExitCode {
+    if !error.use_stderr() {
+        // --help and --version: not errors, printed to stdout.
+        error.exit();
+    }
+    eprint!(
+        "{}",
+        scoretap_core::storage::remote::sanitize(&error.render().to_string())
+    );
+    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(USAGE_ERROR))
 }
 
 fn run(args: RunArgs) -> ExitCode {

@@ -24,7 +24,7 @@ use scoretap_core::sink::StoreLocation;
 use scoretap_core::storage::batch::BatchSettings;
 use scoretap_core::storage::key::{KeyField, KeyTemplate};
 use scoretap_core::storage::modeldata::ModeldataSettings;
-use scoretap_core::storage::remote::RemoteOptions;
+use scoretap_core::storage::remote::{sanitize, RemoteOptions};
 use scoretap_core::storage::uploader::UploaderSettings;
 use scoretap_core::tls::ServerCertificateFiles;
 use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
@@ -460,7 +460,10 @@ fn from_file<T>(
         .map(|text| {
             parse(&text).map_err(|message| SettingsError::File {
                 path: path.to_owned(),
-                message: format!("invalid value '{text}' for key '{key}': {message}"),
+                message: format!(
+                    "invalid value '{}' for key '{key}': {message}",
+                    sanitize(&text)
+                ),
             })
         })
         .transpose()
@@ -476,9 +479,21 @@ impl RunArgs {
             path: path.clone(),
             source,
         })?;
+        // The message only, never toml's excerpt of the file: the line may hold a secret.
         let file: FileSettings = toml::from_str(&text).map_err(|error| SettingsError::File {
             path: path.clone(),
-            message: error.message().to_owned(),
+            message: match error.span() {
+                Some(span) => format!(
+                    "line {}: {}",
+                    text.get(..span.start)
+                        .unwrap_or_default()
+                        .matches('\n')
+                        .count()
+                        + 1,
+                    error.message()
+                ),
+                None => error.message().to_owned(),
+            },
         })?;
         let p = path.as_path();
         self.listen = self
@@ -1105,9 +1120,17 @@ fn parse_body_template(text: &str) -> Result<KeyTemplate, String> {
     KeyTemplate::parse(text, &[KeyField::TraceId, KeyField::Direction])
 }
 
-fn parse_endpoint(text: &str) -> Result<String, String> {
+/// A store endpoint: credentials never go in it (they come from the environment, where the
+/// store's own client reads them), so it can be printed and logged as it is.
+pub fn parse_endpoint(text: &str) -> Result<String, String> {
     let text = text.trim().trim_end_matches('/');
     match text.parse::<Uri>() {
+        Ok(uri) if uri.authority().is_some_and(|authority| authority.as_str().contains('@')) => {
+            Err("expected a URL without credentials (user:password@): keys and tokens are read from the environment (AWS_*, AZURE_STORAGE_*)".into())
+        }
+        Ok(uri) if uri.query().is_some() => {
+            Err("expected a URL without a query string: a SAS token goes in AZURE_STORAGE_SAS_TOKEN".into())
+        }
         Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
             Ok(text.to_owned())
         }
@@ -1266,6 +1289,98 @@ mod tests {
         assert_eq!(parse_streams("256"), Ok(256));
         assert!(parse_streams("0").is_err());
         assert!(parse_streams("4294967296").is_err());
+    }
+
+    /// Every form the settings take (flags, resolved settings, the core's settings, the
+    /// `--check-config` JSON) prints the admin token as `[redacted]`.
+    #[test]
+    fn settings_never_print_the_admin_token() {
+        const TOKEN: &str = "admin-token-Zq81vXk3";
+        let args = RunArgs {
+            upstream: Some(Uri::from_static("http://127.0.0.1:5001")),
+            admin_token: Some(Secret::new(TOKEN)),
+            store: Some(StoreLocation::Azure {
+                container: "scoring-data".into(),
+                prefix: "model/".into(),
+            }),
+            azure_endpoint: Some("http://127.0.0.1:10000/devstoreaccount1".into()),
+            ..RunArgs::default()
+        };
+        let arguments = format!("{args:?} {args:#?}");
+        let settings = args.resolve().expect("valid");
+        let server = settings.server_settings();
+        assert_eq!(
+            server.admin_token.as_ref().map(Secret::expose),
+            Some(TOKEN),
+            "the token reaches the admin"
+        );
+        for text in [
+            arguments,
+            format!("{settings:?} {settings:#?}"),
+            format!("{server:?} {server:#?}"),
+            serde_json::to_string(&settings).expect("serializes"),
+        ] {
+            assert!(!text.contains(TOKEN), "{text}");
+            assert!(text.contains("[redacted]"), "{text}");
+        }
+    }
+
+    /// Store endpoints are printed (`--check-config`) and logged, so they may hold no
+    /// credentials; refusing one does not quote it.
+    #[test]
+    fn endpoints_with_credentials_are_refused() {
+        assert_eq!(
+            parse_endpoint("http://127.0.0.1:9000/"),
+            Ok("http://127.0.0.1:9000".to_owned())
+        );
+        for endpoint in [
+            "http://AKIAEXAMPLE:s3cr3tKey@127.0.0.1:9000",
+            "https://scoretapaccount.blob.core.windows.net/?sv=2022-11-02&sig=s3cr3tKey",
+        ] {
+            let message = parse_endpoint(endpoint).expect_err(endpoint);
+            assert!(!message.contains("s3cr3tKey"), "{message}");
+            assert!(
+                message.contains("environment") || message.contains("SAS"),
+                "{message}"
+            );
+        }
+    }
+
+    /// A bad value in the config file is quoted in the error, except what may be a secret:
+    /// a URL's password, a token of the wrong type.
+    #[test]
+    fn config_file_errors_quote_no_secret() {
+        let directory =
+            std::env::temp_dir().join(format!("scoretap-secret-file-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).expect("dir");
+        for (contents, key) in [
+            ("upstream = \"https://user:Pw0rd-in-file@host.example\"\n", "upstream"),
+            ("upstream = \"http://h\"\nadmin-token = 918273645\n", "line 2"),
+            (
+                "upstream = \"http://h\"\ns3-endpoint = \"http://AKIA:Pw0rd-in-file@minio:9000\"\n",
+                "s3-endpoint",
+            ),
+            (
+                "upstream = \"http://h\"\nazure-endpoint = \"https://a.blob.core.windows.net/?sv=1&sig=Pw0rd-in-file\"\n",
+                "azure-endpoint",
+            ),
+        ] {
+            let path = directory.join("secret.toml");
+            std::fs::write(&path, contents).expect("write");
+            let error = RunArgs {
+                config: Some(path),
+                ..RunArgs::default()
+            }
+            .resolve()
+            .expect_err(contents)
+            .to_string();
+            assert!(error.contains(key), "{error}");
+            assert!(
+                !error.contains("Pw0rd-in-file") && !error.contains("918273645"),
+                "{error}"
+            );
+        }
+        std::fs::remove_dir_all(&directory).ok();
     }
 
     #[test]

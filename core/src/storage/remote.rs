@@ -372,9 +372,11 @@ const SECRET_MARKERS: &[(&str, SecretExtent)] = &[
     ("bearer ", SecretExtent::Value),
 ];
 
-/// Replaces signatures, SAS tokens, credentials and authorization values in `text` with
-/// `[redacted]`.
+/// Replaces signatures, SAS tokens, credentials, authorization values and the user
+/// information of URLs (`https://user:password@host`) in `text` with `[redacted]`.
 pub fn sanitize(text: &str) -> String {
+    let text = crate::secret::redact_url_credentials(text);
+    let text = text.as_str();
     let lower = text.to_ascii_lowercase();
     let mut out = String::with_capacity(text.len());
     let mut position = 0;
@@ -439,6 +441,11 @@ mod tests {
         assert_eq!(
             sanitize(text),
             "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=[redacted];"
+        );
+        let text = "dispatch failure: http://AKIAEXAMPLE:wJalrXUtnFEMI@minio:9000/bucket/k refused";
+        assert_eq!(
+            sanitize(text),
+            "dispatch failure: http://[redacted]@minio:9000/bucket/k refused"
         );
     }
 

@@ -426,28 +426,57 @@ fn is_true(value: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The store's `Debug` shows where it writes, never how it signs in, whatever the
+    /// credential: an account key, a SAS token, a service principal's secret, a bearer token.
     #[test]
     fn debug_prints_no_credential() {
         // "secret-account-key-bytes" in base64.
         let key = "c2VjcmV0LWFjY291bnQta2V5LWJ5dGVz";
-        let store = MicrosoftAzureBuilder::new()
-            .with_account("scoretapaccount")
-            .with_container_name("scoring-data")
-            .with_access_key(key)
-            .build()
-            .expect("a client needs no network");
-        let store = AzureStore {
-            store,
-            prefix: "my-model".to_owned(),
-            context: ErrorContext {
-                store: "az://scoring-data/my-model".to_owned(),
-            },
+        let sas_signature = "sasSignatureQx7Vb2Mk5";
+        let client_secret = "client-secret-Hn4T7wq0";
+        let bearer = "bearer-token-Pm2Ks9dE";
+        let base = || {
+            MicrosoftAzureBuilder::new()
+                .with_account("scoretapaccount")
+                .with_container_name("scoring-data")
         };
-        let text = format!("{store:?} {store:#?}");
-        assert!(text.contains("scoring-data"), "{text}");
-        assert!(!text.contains(key), "{text}");
-        assert!(!text.to_ascii_lowercase().contains("key"), "{text}");
-        // The key's bytes, as object_store's own Debug would list them.
-        assert!(!text.contains("115, 101, 99"), "{text}");
+        let builders = [
+            ("account key", base().with_access_key(key)),
+            (
+                "SAS",
+                base().with_sas_authorization(vec![
+                    ("sv".to_owned(), "2022-11-02".to_owned()),
+                    ("sig".to_owned(), sas_signature.to_owned()),
+                ]),
+            ),
+            (
+                "client secret",
+                base().with_client_secret_authorization("client-id", client_secret, "tenant-id"),
+            ),
+            (
+                "bearer token",
+                base().with_bearer_token_authorization(bearer),
+            ),
+        ];
+        for (credential, builder) in builders {
+            let store = AzureStore {
+                store: builder.build().expect("a client needs no network"),
+                prefix: "my-model".to_owned(),
+                context: ErrorContext {
+                    store: "az://scoring-data/my-model".to_owned(),
+                },
+            };
+            let text = format!("{store:?} {store:#?}");
+            assert!(text.contains("scoring-data"), "{credential}: {text}");
+            for secret in [key, sas_signature, client_secret, bearer] {
+                assert!(!text.contains(secret), "{credential}: {text}");
+            }
+            assert!(
+                !text.to_ascii_lowercase().contains("key"),
+                "{credential}: {text}"
+            );
+            // The key's bytes, as object_store's own Debug would list them.
+            assert!(!text.contains("115, 101, 99"), "{credential}: {text}");
+        }
     }
 }

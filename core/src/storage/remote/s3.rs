@@ -472,6 +472,37 @@ fn part_size(length: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// The store's `Debug` names the bucket, never the credentials the client holds.
+    #[test]
+    fn debug_prints_no_credential() {
+        let secret_key = "wJalrXUtnFEMI-secret-Zq81vXk3";
+        let session_token = "session-token-Lx93HbQ2";
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("eu-west-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "AKIDEXAMPLE",
+                secret_key,
+                Some(session_token.to_owned()),
+                None,
+                "test",
+            ))
+            .build();
+        let store = S3Store {
+            client: aws_sdk_s3::Client::from_conf(config),
+            bucket: "scoring-data".to_owned(),
+            prefix: "my-model/".to_owned(),
+            context: ErrorContext {
+                store: "s3://scoring-data/my-model".to_owned(),
+            },
+        };
+        let text = format!("{store:?} {store:#?}");
+        assert!(text.contains("scoring-data"), "{text}");
+        for secret in [secret_key, session_token] {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
+
     #[test]
     fn part_size_stays_at_eight_mebibytes_until_ten_thousand_parts() {
         assert_eq!(part_size(MULTIPART_PART_SIZE + 1), MULTIPART_PART_SIZE);
