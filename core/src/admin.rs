@@ -149,7 +149,8 @@ impl AdminState {
         )
     }
 
-    /// Checks `authorization: Bearer <token>` in constant time; the refusal to send otherwise.
+    /// Checks `authorization: Bearer <token>` (the scheme in any case, RFC 9110 §11.1) in
+    /// constant time; the refusal to send otherwise.
     fn refusal(&self, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
         let Some(token) = &self.token else {
             return Some(json(
@@ -161,7 +162,12 @@ impl AdminState {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|value| {
+                let (scheme, credentials) = value.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(credentials.trim_start())
+            })
             .unwrap_or_default();
         if constant_time_equal(presented.as_bytes(), token.expose().as_bytes()) {
             None
@@ -295,14 +301,19 @@ impl AdminState {
     }
 }
 
+/// Whether two byte strings are equal, in a time that depends neither on where they differ nor
+/// on whether their lengths do: both are hashed (SHA-256) and the digests compared whole, without
+/// an early exit.
 fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
-    if left.len() != right.len() {
-        return false;
-    }
-    left.iter()
-        .zip(right)
-        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
-        == 0
+    use aws_lc_rs::digest::{digest, SHA256};
+    let left = digest(&SHA256, left);
+    let right = digest(&SHA256, right);
+    let difference = left
+        .as_ref()
+        .iter()
+        .zip(right.as_ref())
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b));
+    std::hint::black_box(difference) == 0
 }
 
 /// `application/x-www-form-urlencoded` pairs of a query string.
@@ -439,6 +450,10 @@ mod tests {
     fn tokens_compare_whole() {
         assert!(constant_time_equal(b"secret", b"secret"));
         assert!(!constant_time_equal(b"secret", b"secreT"));
+        assert!(!constant_time_equal(b"secret", b"Secret"));
         assert!(!constant_time_equal(b"secret", b"secret2"));
+        assert!(!constant_time_equal(b"secret", b"secre"));
+        assert!(!constant_time_equal(b"secret", b""));
+        assert!(constant_time_equal(b"", b""));
     }
 }

@@ -57,6 +57,9 @@ pub struct RunArgs {
     /// Address of the admin listener (/healthz, /readyz) [default: 127.0.0.1:9901]
     #[arg(long, env = "SCORETAP_ADMIN_LISTEN", value_name = "ADDR", value_parser = parse_address)]
     pub admin_listen: Option<SocketAddr>,
+    /// Allow --admin-listen on an address other than loopback, e.g. 0.0.0.0:9901 in a pod for probes and scraping (the admin switches capture and serves records) [default: false]
+    #[arg(long, env = "SCORETAP_ADMIN_ALLOW_REMOTE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub admin_allow_remote: Option<bool>,
     /// Service name recorded with every exchange [default: the upstream's host]
     #[arg(long, env = "SCORETAP_SERVICE", value_name = "NAME", value_parser = parse_service)]
     pub service: Option<String>,
@@ -275,6 +278,7 @@ struct FileSettings {
     listen: Option<String>,
     upstream: Option<String>,
     admin_listen: Option<String>,
+    admin_allow_remote: Option<bool>,
     service: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -355,6 +359,7 @@ pub struct RunSettings {
     #[serde(serialize_with = "serialize_display")]
     pub upstream: Uri,
     pub admin_listen: SocketAddr,
+    pub admin_allow_remote: bool,
     pub service: String,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -508,6 +513,7 @@ impl RunArgs {
             file.admin_listen,
             parse_address,
         )?);
+        self.admin_allow_remote = self.admin_allow_remote.or(file.admin_allow_remote);
         self.service = self
             .service
             .or(from_file(p, "service", file.service, parse_service)?);
@@ -786,6 +792,18 @@ impl RunArgs {
                 "invalid value for '--admin-token <TOKEN>': expected at least 8 characters".into(),
             ));
         }
+        let admin_listen = args
+            .admin_listen
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901)));
+        let admin_allow_remote = args.admin_allow_remote.unwrap_or(false);
+        if !admin_allow_remote && !admin_listen.ip().to_canonical().is_loopback() {
+            return Err(SettingsError::Invalid(format!(
+                "invalid value '{admin_listen}' for '--admin-listen <ADDR>': not a loopback \
+                 address, and the admin switches capture and serves recorded model inputs; set \
+                 '--admin-allow-remote true' (SCORETAP_ADMIN_ALLOW_REMOTE) to listen there anyway \
+                 (in a pod, for probes and scraping), and '--admin-token' to protect it"
+            )));
+        }
         let capture_buffer_bytes = args.capture_buffer_bytes.unwrap_or(64 << 20);
         let limits = Limits::default();
         Ok(RunSettings {
@@ -793,9 +811,8 @@ impl RunArgs {
                 .listen
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
             upstream,
-            admin_listen: args
-                .admin_listen
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9901))),
+            admin_listen,
+            admin_allow_remote,
             service,
             tls_cert: args.tls_cert,
             tls_key: args.tls_key,
@@ -1322,6 +1339,41 @@ mod tests {
         ] {
             assert!(!text.contains(TOKEN), "{text}");
             assert!(text.contains("[redacted]"), "{text}");
+        }
+    }
+
+    /// The admin stays on loopback unless moved off it on purpose.
+    #[test]
+    fn a_remote_admin_address_needs_admin_allow_remote() {
+        let args = |admin: &str, allow: Option<bool>| RunArgs {
+            upstream: Some(Uri::from_static("http://127.0.0.1:5001")),
+            admin_listen: Some(parse_address(admin).expect("an address")),
+            admin_allow_remote: allow,
+            ..RunArgs::default()
+        };
+        for loopback in [
+            "127.0.0.1:9901",
+            "127.8.9.10:9901",
+            "[::1]:9901",
+            "[::ffff:127.0.0.1]:9901",
+        ] {
+            let settings = args(loopback, None).resolve().expect(loopback);
+            assert!(!settings.admin_allow_remote);
+        }
+        for remote in [
+            "0.0.0.0:9901",
+            "[::]:9901",
+            "10.1.2.3:9901",
+            "[::ffff:10.1.2.3]:9901",
+        ] {
+            let error = args(remote, None).resolve().expect_err(remote).to_string();
+            assert!(
+                error.contains("--admin-listen") && error.contains("--admin-allow-remote"),
+                "{error}"
+            );
+            assert!(args(remote, Some(false)).resolve().is_err(), "{remote}");
+            let settings = args(remote, Some(true)).resolve().expect(remote);
+            assert!(settings.admin_allow_remote);
         }
     }
 
