@@ -122,6 +122,23 @@ fn body_summary(record: &TraceRecord, part: &str) -> String {
     )
 }
 
+/// The request that meets the fault, on its own connection, with `id` as its correlation id.
+async fn faulty_request(
+    proxy: SocketAddr,
+    method: &str,
+    path: &str,
+    id: &str,
+    body: scoretap_tests::client::ReqBody,
+) -> scoretap_tests::Collected {
+    let mut client = Client::connect(proxy, Proto::H1).await;
+    let request = client
+        .req(method, path)
+        .header("x-request-id", id)
+        .body(body)
+        .unwrap();
+    client.fetch(request, Duration::from_secs(10)).await
+}
+
 /// Exactly one record has this correlation id.
 async fn the_record(store: &TraceStore, correlation_id: &str) -> TraceRecord {
     let record = store.wait(correlation_id).await;
@@ -141,13 +158,14 @@ async fn upstream_refuses_connections() {
     let proxy = proxy_with_store(&dead, &store, &[]).await;
     // Every request fails the same way: the others get prompt 502s, not hangs.
     let others = OtherClient::start(proxy.addr, "/other", 502).await;
-    let mut client = Client::connect(proxy.addr, Proto::H1).await;
-    let request = client
-        .req("POST", "/score")
-        .header("x-request-id", "fault-refused")
-        .body(scoretap_tests::client::full(r#"{"data": [[1]]}"#))
-        .unwrap();
-    let answer = client.fetch(request, Duration::from_secs(10)).await;
+    let answer = faulty_request(
+        proxy.addr,
+        "POST",
+        "/score",
+        "fault-refused",
+        scoretap_tests::client::full(r#"{"data": [[1]]}"#),
+    )
+    .await;
     assert_eq!(answer.status, 502);
     assert_eq!(
         answer.json()["error"],
@@ -201,14 +219,8 @@ async fn upstream_stalls() {
     let store = TraceStore::new();
     let proxy = proxy_with_store(&upstream.url(), &store, &["--upstream-timeout", "500ms"]).await;
     let others = OtherClient::start(proxy.addr, "/ok", 200).await;
-    let mut client = Client::connect(proxy.addr, Proto::H1).await;
     let started = Instant::now();
-    let request = client
-        .req("GET", "/stall")
-        .header("x-request-id", "fault-stall")
-        .body(empty())
-        .unwrap();
-    let answer = client.fetch(request, Duration::from_secs(10)).await;
+    let answer = faulty_request(proxy.addr, "GET", "/stall", "fault-stall", empty()).await;
     let waited = started.elapsed();
     assert_eq!(answer.status, 504);
     assert!(waited < Duration::from_secs(3), "{waited:?}");
@@ -236,13 +248,7 @@ async fn upstream_sends_malformed_http() {
     let store = TraceStore::new();
     let proxy = proxy_with_store(&upstream.url(), &store, &[]).await;
     let others = OtherClient::start(proxy.addr, "/ok", 200).await;
-    let mut client = Client::connect(proxy.addr, Proto::H1).await;
-    let request = client
-        .req("GET", "/bad")
-        .header("x-request-id", "fault-malformed")
-        .body(empty())
-        .unwrap();
-    let answer = client.fetch(request, Duration::from_secs(10)).await;
+    let answer = faulty_request(proxy.addr, "GET", "/bad", "fault-malformed", empty()).await;
     assert_eq!(answer.status, 502);
     assert_eq!(
         answer.json()["error"],
