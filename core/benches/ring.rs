@@ -25,7 +25,7 @@ fn chunk(data: &Bytes) -> CaptureEvent {
 
 /// Pops one event, if any, and gives its bytes back.
 fn pop(receiver: &RingReceiver) -> bool {
-    match receiver.receiver.try_recv() {
+    match receiver.try_receive() {
         Ok(event) => {
             receiver.budget.release(event.budget_bytes());
             drop(black_box(event));

@@ -59,7 +59,7 @@ fn drain<B: Body<Data = Bytes> + Unpin>(mut body: B) -> usize {
 
 /// Takes every event off the ring and gives its bytes back, as the collector does.
 fn empty_ring(receiver: &RingReceiver) {
-    while let Ok(event) = receiver.receiver.try_recv() {
+    while let Ok(event) = receiver.try_receive() {
         if let CaptureEvent::Chunk { data, .. } = event {
             receiver.budget.release(data.len() as u64);
         }

@@ -181,6 +181,14 @@ impl BodyState {
         self.received += data.len() as u64;
         let room = MAXIMUM_RECORD_BYTES.saturating_sub(self.prefix.len());
         let kept = room.min(data.len());
+        if self.prefix.capacity() - self.prefix.len() < kept {
+            // Grow by doubling, but never past what a record holds: `Vec`'s own doubling would
+            // take a 64 KiB prefix to a 96 KiB allocation, and the budget counts 64 KiB.
+            let wanted = (self.prefix.len() + kept)
+                .max(self.prefix.capacity() * 2)
+                .min(MAXIMUM_RECORD_BYTES);
+            self.prefix.reserve_exact(wanted - self.prefix.len());
+        }
         self.prefix.extend_from_slice(&data[..kept]);
         if let Some((settings, key, content_type)) = spill {
             // The body outgrew the record: the spill starts with what the prefix holds.
@@ -403,7 +411,7 @@ impl Collector {
         let mut idle_sleep = MINIMUM_IDLE_SLEEP;
         loop {
             if stop.load(Ordering::Acquire) {
-                while let Ok(event) = self.receiver.receiver.try_recv() {
+                while let Ok(event) = self.receiver.try_receive() {
                     self.handle(event);
                 }
                 break;
@@ -411,7 +419,7 @@ impl Collector {
             let mut handled = 0;
             let mut disconnected = false;
             while handled < BATCH {
-                match self.receiver.receiver.try_recv() {
+                match self.receiver.try_receive() {
                     Ok(event) => {
                         self.handle(event);
                         handled += 1;

@@ -4,6 +4,11 @@
 //! of chunk events, and the prefixes the collector keeps until it writes a record). Pushing never
 //! blocks and never allocates per byte: a chunk is a `Bytes` clone (a reference count).
 //!
+//! The queue underneath is std's list channel, which allocates blocks of slots as it fills and
+//! frees them as the collector empties them: an idle ring of 65,536 slots takes no memory (an
+//! array channel would hold all of them, about 9 MiB, from the start). The slot limit is a
+//! counter beside it.
+//!
 //! # When full
 //!
 //! [`WhenFull::DropNewest`] is the only policy: the event being pushed is dropped, the drop is
@@ -11,8 +16,8 @@
 //! `complete: false`). The client's bytes are never delayed: capture falls behind, traffic does
 //! not.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -261,10 +266,39 @@ impl ByteBudget {
     }
 }
 
+/// The number of events in the ring, against its limit.
+#[derive(Debug)]
+struct SlotCount {
+    occupied: AtomicUsize,
+    limit: usize,
+    /// Set when the receiver is dropped: a full ring then reports the collector stopped.
+    receiver_dropped: AtomicBool,
+}
+
+impl SlotCount {
+    /// Takes a slot, or says why not (taking nothing).
+    fn try_take(&self) -> Result<(), DropReason> {
+        if self.receiver_dropped.load(Ordering::Acquire) {
+            return Err(DropReason::CollectorStopped);
+        }
+        if self.occupied.fetch_add(1, Ordering::AcqRel) < self.limit {
+            Ok(())
+        } else {
+            self.give_back();
+            Err(DropReason::RingFullSlots)
+        }
+    }
+
+    fn give_back(&self) {
+        self.occupied.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The producer side of the ring, cloned into every tee.
 #[derive(Debug, Clone)]
 pub struct Ring {
-    sender: SyncSender<CaptureEvent>,
+    sender: Sender<CaptureEvent>,
+    slots: Arc<SlotCount>,
     budget: Arc<ByteBudget>,
     stats: Arc<CaptureStats>,
 }
@@ -272,23 +306,47 @@ pub struct Ring {
 /// The consumer side, owned by the collector thread.
 #[derive(Debug)]
 pub struct RingReceiver {
-    pub receiver: Receiver<CaptureEvent>,
+    receiver: Receiver<CaptureEvent>,
+    slots: Arc<SlotCount>,
     pub budget: Arc<ByteBudget>,
     pub stats: Arc<CaptureStats>,
 }
 
+impl RingReceiver {
+    /// Takes the oldest event without waiting, giving its slot back (its bytes stay taken
+    /// until the collector releases them).
+    pub fn try_receive(&self) -> Result<CaptureEvent, TryRecvError> {
+        let event = self.receiver.try_recv()?;
+        self.slots.give_back();
+        Ok(event)
+    }
+}
+
+impl Drop for RingReceiver {
+    fn drop(&mut self) {
+        self.slots.receiver_dropped.store(true, Ordering::Release);
+    }
+}
+
 /// Makes a ring of `slots` events and `capacity_bytes` body bytes.
 pub fn ring(slots: usize, capacity_bytes: u64, stats: Arc<CaptureStats>) -> (Ring, RingReceiver) {
-    let (sender, receiver) = std::sync::mpsc::sync_channel(slots.max(1));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let slots = Arc::new(SlotCount {
+        occupied: AtomicUsize::new(0),
+        limit: slots.max(1),
+        receiver_dropped: AtomicBool::new(false),
+    });
     let budget = Arc::new(ByteBudget::new(capacity_bytes));
     (
         Ring {
             sender,
+            slots: slots.clone(),
             budget: budget.clone(),
             stats: stats.clone(),
         },
         RingReceiver {
             receiver,
+            slots,
             budget,
             stats,
         },
@@ -308,14 +366,17 @@ impl Ring {
             self.stats.count_drop(DropReason::RingFullBytes);
             return false;
         }
-        match self.sender.try_send(event) {
+        if let Err(reason) = self.slots.try_take() {
+            self.budget.release(bytes);
+            self.stats.count_drop(reason);
+            return false;
+        }
+        match self.sender.send(event) {
             Ok(()) => true,
-            Err(error) => {
+            Err(_) => {
+                self.slots.give_back();
                 self.budget.release(bytes);
-                self.stats.count_drop(match error {
-                    TrySendError::Full(_) => DropReason::RingFullSlots,
-                    TrySendError::Disconnected(_) => DropReason::CollectorStopped,
-                });
+                self.stats.count_drop(DropReason::CollectorStopped);
                 false
             }
         }
@@ -351,7 +412,7 @@ mod tests {
         assert_eq!(stats.dropped(DropReason::RingFullBytes), 1);
         assert_eq!(ring.budget().used(), 60);
         assert!(matches!(
-            receiver.receiver.try_recv(),
+            receiver.try_receive(),
             Ok(CaptureEvent::Chunk { .. })
         ));
         receiver.budget.release(60);
@@ -371,6 +432,10 @@ mod tests {
             2,
             "a refused chunk gives its bytes back"
         );
+        assert!(receiver.try_receive().is_ok());
+        assert!(ring.push(chunk(1)), "a received event gives its slot back");
+        assert!(!ring.push(chunk(1)));
+        assert_eq!(stats.dropped(DropReason::RingFullSlots), 2);
         drop(receiver);
         assert!(!ring.push(chunk(1)));
         assert_eq!(stats.dropped(DropReason::CollectorStopped), 1);

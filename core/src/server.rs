@@ -56,6 +56,13 @@ pub struct Limits {
     /// (past it hyper answers 431 and closes); on HTTP/2 the field list as RFC 9113 §6.5.2
     /// measures it, name + value + 32 per field (past it h2 answers 431 on that stream). At
     /// least [`MINIMUM_HEADER_BYTES`].
+    ///
+    /// It is also the most an HTTP/1.1 connection's read buffer grows to, so it sets each
+    /// upload's memory: a body frame pins the buffer block it was read into until the upstream
+    /// has taken it. The 16 KiB default is what the scoring servers behind scoretap accept anyway
+    /// (uvicorn/h11 refuses heads past 16 KiB, gunicorn fields past 8,190 bytes, Node.js heads
+    /// past 16 KiB); 64 KiB costs about 150 KiB more per concurrent upload
+    /// (`scripts/bench-memory.sh`).
     pub max_header_bytes: usize,
     /// A client must send a whole request head within this of its first byte (or of
     /// connecting); else the connection is closed without an answer (slowloris).
@@ -75,7 +82,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_header_bytes: 64 << 10,
+            max_header_bytes: 16 << 10,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,

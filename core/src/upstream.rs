@@ -83,8 +83,10 @@ impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedTarget
 
 type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
 
-/// The most an upstream HTTP/1.1 connection buffers, each way (hyper's minimum is 8 KiB).
-const UPSTREAM_BUFFER_BYTES: usize = 64 * 1024;
+/// The most an upstream HTTP/1.1 connection buffers, each way (hyper's minimum is 8 KiB): the
+/// request body frames queued for writing, and the response head (nginx's `proxy_buffer_size`
+/// refuses upstream heads past 4 or 8 KiB by default; 16 KiB is more generous).
+const UPSTREAM_BUFFER_BYTES: usize = 16 * 1024;
 
 /// The upstream endpoint and its connection pool.
 #[derive(Debug, Clone)]
@@ -149,8 +151,9 @@ impl Upstream {
             // hyper queues request body frames for a connection until this many bytes wait
             // (400 KiB by default) before it stops reading the client's body: with many
             // concurrent uploads to a slower upstream that is most of the proxy's memory. Body
-            // frames are at most the server's read buffer (64 KiB), so this still lets a whole
-            // frame through while bounding each upload to about twice that.
+            // frames are at most the server's read buffer (`--max-header-bytes`, 16 KiB by
+            // default), so this still lets a whole frame through while bounding each upload to
+            // about twice that.
             .http1_max_buf_size(UPSTREAM_BUFFER_BYTES)
             .set_host(false);
         Ok(Self {

@@ -102,7 +102,7 @@ pub struct RunArgs {
     /// After SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 30s]
     #[arg(long, env = "SCORETAP_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
-    /// Largest request head (HTTP/1.1 request line and fields; HTTP/2 field list); past it 431 [default: 64KiB]
+    /// Largest request head (HTTP/1.1 request line and fields; HTTP/2 field list); past it 431; it also bounds an HTTP/1.1 connection's read buffer, so each upload's memory [default: 16KiB]
     #[arg(long, env = "SCORETAP_MAX_HEADER_BYTES", value_name = "SIZE", value_parser = parse_header_bytes)]
     pub max_header_bytes: Option<u64>,
     /// Header fields a request may carry; past it 431 [default: 100]
@@ -1447,7 +1447,7 @@ mod tests {
         .resolve()
         .expect("valid")
         .server_settings();
-        assert_eq!(defaults.limits.max_header_bytes, 64 << 10);
+        assert_eq!(defaults.limits.max_header_bytes, 16 << 10);
         assert_eq!(defaults.limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(defaults.limits.idle_timeout, Duration::from_secs(60));
         assert_eq!(defaults.limits.max_connections, 10_000);

@@ -266,6 +266,36 @@ async fn upstream_sends_malformed_http() {
     );
 }
 
+/// An upstream response head must fit the upstream connection's 16 KiB buffer: past it a 502,
+/// under it every field through unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_sends_an_oversized_head() {
+    let upstream = RawUpstream::start(|request| {
+        let size = if request.head.target().starts_with("/huge") {
+            20 * 1024
+        } else {
+            12 * 1024
+        };
+        RawReply::bytes(format!(
+            "HTTP/1.1 200 OK\r\nx-padding: {}\r\ncontent-length: 2\r\n\r\nok",
+            "p".repeat(size)
+        ))
+    })
+    .await;
+    let store = TraceStore::new();
+    let proxy = proxy_with_store(&upstream.url(), &store, &[]).await;
+    let fits = faulty_request(proxy.addr, "GET", "/fits", "fault-head-fits", empty()).await;
+    assert_eq!(fits.status, 200);
+    assert_eq!(fits.headers["x-padding"].len(), 12 * 1024);
+    assert_eq!(fits.body, b"ok".as_slice());
+    let huge = faulty_request(proxy.addr, "GET", "/huge", "fault-head-huge", empty()).await;
+    assert_eq!(huge.status, 502, "{}", huge.text());
+    assert_eq!(huge.json()["error"], "upstream_error", "{}", huge.text());
+    let record = the_record(&store, "fault-head-huge").await;
+    assert_eq!(record.str_at("/outcome"), Some("upstream_error"));
+    assert_eq!(record.u64_at("/response/status"), Some(502));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_resets_mid_upload() {
     let upstream = TestUpstream::start().await;
