@@ -127,6 +127,13 @@ enum Spill {
     Failed,
 }
 
+/// The capture path's counters and byte budget, as a body's intake needs them.
+#[derive(Debug, Clone, Copy)]
+struct CaptureAccounts<'a> {
+    stats: &'a crate::ring::CaptureStats,
+    budget: &'a ByteBudget,
+}
+
 /// One body as the collector assembles it.
 struct BodyState {
     digest: aws_lc_rs::digest::Context,
@@ -169,16 +176,27 @@ impl BodyState {
             && self.received + chunk as u64 > MAXIMUM_RECORD_BYTES as u64
     }
 
-    /// Takes a chunk: hashes it, keeps what fits in the prefix, spills it when a spill runs, and
-    /// returns the bytes it does not keep (to give back to the budget now).
+    /// Takes a chunk: hashes it, keeps what fits in the prefix, spills it when a spill runs
+    /// (starting one with `start`, the new object's key, when the body outgrows the record).
+    /// Returns the bytes to give back to the budget now.
+    ///
+    /// While a spill runs the prefix is not held in memory: the spilled file starts with it,
+    /// and [`BodyState::seal_spill`] reads it back when the record is written. A thousand
+    /// concurrent large uploads so hold no 64 KiB prefix each, only their file handles.
     fn take(
         &mut self,
         data: &[u8],
-        spill: Option<(&SpillSettings, String, Option<&str>)>,
-        stats: &crate::ring::CaptureStats,
+        spill: Option<&SpillSettings>,
+        start: Option<String>,
+        content_type: Option<&str>,
+        capture: CaptureAccounts<'_>,
     ) -> u64 {
         self.digest.update(data);
         self.received += data.len() as u64;
+        if matches!(self.spill, Spill::Writing(_)) {
+            self.spill_part(data, spill, content_type, capture);
+            return data.len() as u64;
+        }
         let room = MAXIMUM_RECORD_BYTES.saturating_sub(self.prefix.len());
         let kept = room.min(data.len());
         if self.prefix.capacity() - self.prefix.len() < kept {
@@ -190,7 +208,8 @@ impl BodyState {
             self.prefix.reserve_exact(wanted - self.prefix.len());
         }
         self.prefix.extend_from_slice(&data[..kept]);
-        if let Some((settings, key, content_type)) = spill {
+        let mut released = (data.len() - kept) as u64;
+        if let (Some(settings), Some(key)) = (spill, start) {
             // The body outgrew the record: the spill starts with what the prefix holds.
             let started = settings
                 .staging
@@ -208,49 +227,86 @@ impl BodyState {
                 Ok(file) => {
                     settings.spilled_bytes.increment(self.prefix.len() as u64);
                     self.spill = Spill::Writing(file);
+                    self.spill_part(&data[kept..], spill, content_type, capture);
+                    if matches!(self.spill, Spill::Writing(_)) {
+                        released += self.prefix.len() as u64;
+                        self.prefix = Vec::new();
+                    }
                 }
                 Err(error) => {
-                    stats.count_drop(error.drop_reason());
+                    capture.stats.count_drop(error.drop_reason());
                     tracing::debug!("spilling {key} refused: {error}");
                     self.spill = Spill::Failed;
                 }
             }
         }
-        (data.len() - kept) as u64
+        released
     }
 
-    /// Spills the part of a chunk the prefix did not keep (when a spill runs).
-    fn spill_rest(
+    /// Appends part of a body to its running spill. If writing fails the spill is abandoned
+    /// (counted), and the prefix the file held is read back into memory first, when the byte
+    /// budget has room for it, so the record still shows it.
+    fn spill_part(
         &mut self,
-        data: &[u8],
-        kept: usize,
+        part: &[u8],
         spill: Option<&SpillSettings>,
         content_type: Option<&str>,
-        stats: &crate::ring::CaptureStats,
+        capture: CaptureAccounts<'_>,
     ) {
         let (Spill::Writing(file), Some(settings)) = (&mut self.spill, spill) else {
             return;
         };
-        let rest = &data[kept..];
-        if rest.is_empty() {
+        if part.is_empty() {
             return;
         }
-        match settings.staging.write(file, rest) {
-            Ok(()) => settings.spilled_bytes.increment(rest.len() as u64),
-            Err(error) => {
-                stats.count_drop(error.drop_reason());
-                tracing::debug!("spilling {} stopped: {error}", file.key());
-                if let Spill::Writing(file) = std::mem::replace(&mut self.spill, Spill::Failed) {
-                    settings.staging.discard(file, content_type);
+        let error = match settings.staging.write(file, part) {
+            Ok(()) => {
+                settings.spilled_bytes.increment(part.len() as u64);
+                return;
+            }
+            Err(error) => error,
+        };
+        capture.stats.count_drop(error.drop_reason());
+        tracing::debug!("spilling {} stopped: {error}", file.key());
+        let Spill::Writing(file) = std::mem::replace(&mut self.spill, Spill::Failed) else {
+            return;
+        };
+        if self.prefix.is_empty() {
+            let wanted = file.written().min(MAXIMUM_RECORD_BYTES as u64);
+            if capture.budget.try_reserve(wanted) {
+                match settings.staging.read_prefix(&file, MAXIMUM_RECORD_BYTES) {
+                    Ok(prefix) => {
+                        capture.budget.release(wanted - prefix.len() as u64);
+                        self.prefix = prefix;
+                    }
+                    Err(error) => {
+                        capture.budget.release(wanted);
+                        tracing::debug!(
+                            "reading back the prefix of {} failed: {error}",
+                            file.key()
+                        );
+                    }
                 }
             }
         }
+        settings.staging.discard(file, content_type);
     }
 
-    /// Seals a running spill (complete or not: the stored object holds what crossed).
+    /// Seals a running spill (complete or not: the stored object holds what crossed), first
+    /// reading back the prefix the record shows. The read-back bytes are held only while the
+    /// record is assembled (on this thread, right after), so they take nothing from the budget.
     fn seal_spill(&mut self, spill: Option<&SpillSettings>, content_type: Option<&str>) {
         if let (Spill::Writing(_), Some(settings)) = (&self.spill, spill) {
             if let Spill::Writing(file) = std::mem::replace(&mut self.spill, Spill::Failed) {
+                match settings.staging.read_prefix(&file, MAXIMUM_RECORD_BYTES) {
+                    Ok(prefix) => self.prefix = prefix,
+                    Err(error) => {
+                        tracing::debug!(
+                            "reading back the prefix of {} failed: {error}",
+                            file.key()
+                        );
+                    }
+                }
                 let key = settings.staging.seal(file, content_type);
                 self.spill = Spill::Stored(key);
             }
@@ -327,22 +383,17 @@ impl OpenExchange {
         data: &[u8],
         spill: Option<&SpillSettings>,
         service: &str,
-        stats: &crate::ring::CaptureStats,
+        capture: CaptureAccounts<'_>,
     ) -> u64 {
         let content_type = self.content_type(direction).map(str::to_owned);
         let start = match spill {
             Some(settings) if self.body(direction).must_start_spill(data.len()) => {
-                let key = settings.key(service, &self.trace_id, &self.date, direction);
-                Some((settings, key, content_type.as_deref()))
+                Some(settings.key(service, &self.trace_id, &self.date, direction))
             }
             _ => None,
         };
-        let kept_before = self.body(direction).prefix.len();
-        let body = self.body(direction);
-        let released = body.take(data, start, stats);
-        let kept = body.prefix.len() - kept_before;
-        body.spill_rest(data, kept, spill, content_type.as_deref(), stats);
-        released
+        self.body(direction)
+            .take(data, spill, start, content_type.as_deref(), capture)
     }
 
     /// Seals both bodies' spills.
@@ -569,7 +620,10 @@ impl Collector {
                             &data,
                             self.settings.spill.as_ref(),
                             &self.settings.service,
-                            &self.receiver.stats,
+                            CaptureAccounts {
+                                stats: &self.receiver.stats,
+                                budget: &self.receiver.budget,
+                            },
                         )
                     }
                     None => length,

@@ -16,7 +16,7 @@
 //! `complete: false`). The client's bytes are never delayed: capture falls behind, traffic does
 //! not.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -215,7 +215,8 @@ impl CaptureStats {
     }
 }
 
-/// The byte budget shared by the ring and the collector's kept prefixes.
+/// A budget of units taken and given back without a lock: the ring's body bytes (shared with
+/// the collector's kept prefixes), and its slots (one unit per event).
 #[derive(Debug)]
 pub struct ByteBudget {
     used: AtomicU64,
@@ -266,39 +267,14 @@ impl ByteBudget {
     }
 }
 
-/// The number of events in the ring, against its limit.
-#[derive(Debug)]
-struct SlotCount {
-    occupied: AtomicUsize,
-    limit: usize,
-    /// Set when the receiver is dropped: a full ring then reports the collector stopped.
-    receiver_dropped: AtomicBool,
-}
-
-impl SlotCount {
-    /// Takes a slot, or says why not (taking nothing).
-    fn try_take(&self) -> Result<(), DropReason> {
-        if self.receiver_dropped.load(Ordering::Acquire) {
-            return Err(DropReason::CollectorStopped);
-        }
-        if self.occupied.fetch_add(1, Ordering::AcqRel) < self.limit {
-            Ok(())
-        } else {
-            self.give_back();
-            Err(DropReason::RingFullSlots)
-        }
-    }
-
-    fn give_back(&self) {
-        self.occupied.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// The producer side of the ring, cloned into every tee.
 #[derive(Debug, Clone)]
 pub struct Ring {
     sender: Sender<CaptureEvent>,
-    slots: Arc<SlotCount>,
+    /// Events in the ring against its slot limit, counted as a budget of one unit per event.
+    slots: Arc<ByteBudget>,
+    /// Set when the receiver is dropped: a push then reports the collector stopped.
+    receiver_dropped: Arc<AtomicBool>,
     budget: Arc<ByteBudget>,
     stats: Arc<CaptureStats>,
 }
@@ -307,7 +283,8 @@ pub struct Ring {
 #[derive(Debug)]
 pub struct RingReceiver {
     receiver: Receiver<CaptureEvent>,
-    slots: Arc<SlotCount>,
+    slots: Arc<ByteBudget>,
+    receiver_dropped: Arc<AtomicBool>,
     pub budget: Arc<ByteBudget>,
     pub stats: Arc<CaptureStats>,
 }
@@ -317,36 +294,35 @@ impl RingReceiver {
     /// until the collector releases them).
     pub fn try_receive(&self) -> Result<CaptureEvent, TryRecvError> {
         let event = self.receiver.try_recv()?;
-        self.slots.give_back();
+        self.slots.release(1);
         Ok(event)
     }
 }
 
 impl Drop for RingReceiver {
     fn drop(&mut self) {
-        self.slots.receiver_dropped.store(true, Ordering::Release);
+        self.receiver_dropped.store(true, Ordering::Release);
     }
 }
 
 /// Makes a ring of `slots` events and `capacity_bytes` body bytes.
 pub fn ring(slots: usize, capacity_bytes: u64, stats: Arc<CaptureStats>) -> (Ring, RingReceiver) {
     let (sender, receiver) = std::sync::mpsc::channel();
-    let slots = Arc::new(SlotCount {
-        occupied: AtomicUsize::new(0),
-        limit: slots.max(1),
-        receiver_dropped: AtomicBool::new(false),
-    });
+    let slots = Arc::new(ByteBudget::new(slots.max(1) as u64));
+    let receiver_dropped = Arc::new(AtomicBool::new(false));
     let budget = Arc::new(ByteBudget::new(capacity_bytes));
     (
         Ring {
             sender,
             slots: slots.clone(),
+            receiver_dropped: receiver_dropped.clone(),
             budget: budget.clone(),
             stats: stats.clone(),
         },
         RingReceiver {
             receiver,
             slots,
+            receiver_dropped,
             budget,
             stats,
         },
@@ -366,7 +342,14 @@ impl Ring {
             self.stats.count_drop(DropReason::RingFullBytes);
             return false;
         }
-        if let Err(reason) = self.slots.try_take() {
+        let refusal = if self.receiver_dropped.load(Ordering::Acquire) {
+            Some(DropReason::CollectorStopped)
+        } else if !self.slots.try_reserve(1) {
+            Some(DropReason::RingFullSlots)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             self.budget.release(bytes);
             self.stats.count_drop(reason);
             return false;
@@ -374,7 +357,7 @@ impl Ring {
         match self.sender.send(event) {
             Ok(()) => true,
             Err(_) => {
-                self.slots.give_back();
+                self.slots.release(1);
                 self.budget.release(bytes);
                 self.stats.count_drop(DropReason::CollectorStopped);
                 false

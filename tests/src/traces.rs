@@ -558,6 +558,17 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
+/// The inline of a body decoded to bytes (base64 decoded; a string as its UTF-8; a JSON value
+/// re-serialized).
+pub fn inline_bytes(b: &Value) -> Vec<u8> {
+    match (&b["inline"], b["encoding"].as_str()) {
+        (Value::String(s), Some("base64")) => base64_decode(s),
+        (Value::String(s), _) => s.as_bytes().to_vec(),
+        (Value::Null, _) => Vec::new(),
+        (v, _) => v.to_string().into_bytes(),
+    }
+}
+
 /// Is `prefix` a (byte) prefix of `body`?
 pub fn is_prefix(prefix: &[u8], body: &[u8]) -> bool {
     prefix.len() <= body.len() && &body[..prefix.len()] == prefix

@@ -17,8 +17,9 @@ use scoretap_tests::harness::upstream_args;
 use scoretap_tests::process::run_cli;
 use scoretap_tests::raw::request_bytes;
 use scoretap_tests::traces::{
-    admin_request, assert_record_shape, base64_decode, capture_state, is_prefix, parse_jsonl,
-    proc_status_kib, put_capture, TraceRecord, TraceStore, MAX_RECORD_BYTES, RECORD_WAIT,
+    admin_request, assert_record_shape, base64_decode, capture_state, inline_bytes, is_prefix,
+    parse_jsonl, proc_status_kib, put_capture, TraceRecord, TraceStore, MAX_RECORD_BYTES,
+    RECORD_WAIT,
 };
 use scoretap_tests::util::{eventually, free_port, pattern, sha256_hex};
 use scoretap_tests::*;
@@ -128,17 +129,6 @@ fn assert_whole(rec: &TraceRecord, part: &str, body: &[u8]) {
         "{what}: complete; record {}",
         rec.brief()
     );
-}
-
-/// The inline of a body decoded to bytes (base64 decoded; a string as its UTF-8; a JSON value
-/// re-serialized).
-fn inline_bytes(b: &Value) -> Vec<u8> {
-    match (&b["inline"], b["encoding"].as_str()) {
-        (Value::String(s), Some("base64")) => base64_decode(s),
-        (Value::String(s), _) => s.as_bytes().to_vec(),
-        (Value::Null, _) => Vec::new(),
-        (v, _) => v.to_string().into_bytes(),
-    }
 }
 
 /// The trace file sits at `traces/<service>/<yyyy>/<mm>/<dd>/<HH>/<instance>-<seq>.jsonl`.

@@ -9,7 +9,9 @@ use serde_json::Value;
 use scoretap_tests::client::{full, upload_pattern, Collected};
 use scoretap_tests::harness::upstream_args;
 use scoretap_tests::process::run_cli;
-use scoretap_tests::traces::{parse_jsonl, proc_status_kib, walk, TraceRecord, TraceStore};
+use scoretap_tests::traces::{
+    inline_bytes, parse_jsonl, proc_status_kib, walk, TraceRecord, TraceStore,
+};
 use scoretap_tests::util::{pattern, pattern_sha256, sha256_hex, Sha256};
 use scoretap_tests::*;
 
@@ -100,6 +102,14 @@ async fn large_bodies_are_spilled_whole_and_the_record_points_at_them() {
             path.display()
         );
         assert_eq!(file_sha256(&path), (size, pattern_sha256(size)), "{part}");
+        // The record still shows the body's start (read back from the spilled file).
+        let inline = inline_bytes(b);
+        assert!(
+            inline.len() >= 16 << 10 && inline == pattern(0, inline.len()),
+            "{part}: {} inline bytes, not the body's start: {}",
+            inline.len(),
+            record.brief()
+        );
     }
 
     // A body that fits a record alone (40 KB each way) but not both together: spilled from

@@ -285,6 +285,18 @@ impl Staging {
         Ok(())
     }
 
+    /// Reads back up to `limit` bytes from the start of a staged file (what a spilled body's
+    /// record shows). The staged file is written without a user-space buffer, so everything
+    /// written is there to read.
+    pub fn read_prefix(&self, file: &StagedFile, limit: usize) -> Result<Vec<u8>, StagingError> {
+        let wanted = usize::try_from(file.written).map_or(limit, |written| written.min(limit));
+        let mut prefix = vec![0u8; wanted];
+        File::open(&file.path)
+            .and_then(|mut reader| reader.read_exact(&mut prefix))
+            .map_err(|error| StagingError::io(&file.path, error))?;
+        Ok(prefix)
+    }
+
     /// Appends bytes whose spool budget the caller already took.
     pub fn write_reserved(&self, file: &mut StagedFile, data: &[u8]) -> Result<(), StagingError> {
         file.file
