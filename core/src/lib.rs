@@ -2,6 +2,7 @@
 //!
 //! Modules, one job each:
 //! - [`server`]: listeners, TLS termination, graceful drain;
+//! - [`penalty`]: connections from peers that abused HTTP/2 wait before they are served;
 //! - [`proxy`]: a request's life as named phases;
 //! - [`upstream`]: the pooled client to the scoring endpoint;
 //! - [`headers`]: hop-by-hop, forwarding, `via` and correlation-id rules;
@@ -28,6 +29,7 @@ pub mod error;
 pub mod headers;
 pub mod metrics;
 pub mod modeldata;
+pub mod penalty;
 pub mod proxy;
 pub mod query;
 pub mod record;

@@ -32,6 +32,7 @@ pub mod names {
     pub const STORAGE_REQUESTS: &str = "scoretap_storage_requests_total";
     pub const STORAGE_DURATION: &str = "scoretap_storage_duration_seconds";
     pub const SPOOL_BYTES: &str = "scoretap_spool_bytes";
+    pub const CONNECTIONS_DELAYED: &str = "scoretap_connections_delayed_total";
 }
 
 /// Latency buckets for scoring: sub-millisecond to a minute.
@@ -137,6 +138,7 @@ pub struct Metrics {
     storage: Vec<StorageMetrics>,
     spill_bytes: Vec<Counter>,
     spool_bytes: Gauge,
+    connections_delayed: Counter,
 }
 
 static METADATA: Metadata<'static> =
@@ -255,12 +257,14 @@ impl Metrics {
                 .map(|(sink, _)| counter(names::SPILL_BYTES, &[("sink", sink)]))
                 .collect(),
             spool_bytes: gauge(names::SPOOL_BYTES),
+            connections_delayed: counter(names::CONNECTIONS_DELAYED, &[]),
         };
         // Series that only ever move later still show from the first scrape.
         for counter in &metrics.spill_bytes {
             counter.absolute(0);
         }
         metrics.spool_bytes.set(0.0);
+        metrics.connections_delayed.absolute(0);
         metrics
     }
 
@@ -313,6 +317,11 @@ impl Metrics {
     }
 
     /// The proxy answered with an error of this kind.
+    /// A connection waited before it was served ([`crate::penalty`]).
+    pub fn connection_delayed(&self) {
+        self.connections_delayed.increment(1);
+    }
+
     pub fn proxy_error(&self, kind: &str) {
         if let Some(index) = PROXY_ERROR_KINDS.iter().position(|known| *known == kind) {
             self.proxy_errors[index].increment(1);
@@ -334,7 +343,7 @@ impl Metrics {
 }
 
 fn describe(recorder: &dyn Recorder) {
-    let counters: [(&'static str, &'static str, Option<Unit>); 7] = [
+    let counters: [(&'static str, &'static str, Option<Unit>); 8] = [
         (
             names::REQUESTS,
             "Exchanges answered, by method and status class (the proxy's own errors included).",
@@ -368,6 +377,11 @@ fn describe(recorder: &dyn Recorder) {
         (
             names::STORAGE_REQUESTS,
             "Storage operations, by sink, operation and result.",
+            None,
+        ),
+        (
+            names::CONNECTIONS_DELAYED,
+            "Client connections made to wait before being served, their peer having been cut off for HTTP/2 abuse.",
             None,
         ),
     ];

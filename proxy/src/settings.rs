@@ -126,6 +126,9 @@ pub struct RunArgs {
     /// HTTP/2 streams a client may open and reset before they are served; past it GOAWAY (rapid reset, CVE-2023-44487) [default: 20]
     #[arg(long, env = "SCORETAP_H2_MAX_PENDING_RESET_STREAMS", value_name = "COUNT", value_parser = parse_count)]
     pub h2_max_pending_reset_streams: Option<usize>,
+    /// A peer cut off for HTTP/2 abuse (rapid reset) has its next connections wait this long before they are served, doubling per repeat up to 1s; 0s switches it off [default: 50ms]
+    #[arg(long, env = "SCORETAP_ABUSE_DELAY", value_name = "DURATION", value_parser = parse_duration_or_zero)]
+    pub abuse_delay: Option<Duration>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "SCORETAP_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
@@ -301,6 +304,7 @@ struct FileSettings {
     max_concurrent_streams: Option<u32>,
     max_request_body_bytes: Option<FileSize>,
     h2_max_pending_reset_streams: Option<usize>,
+    abuse_delay: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
     store: Option<String>,
@@ -388,6 +392,8 @@ pub struct RunSettings {
     pub max_concurrent_streams: u32,
     pub max_request_body_bytes: u64,
     pub h2_max_pending_reset_streams: usize,
+    #[serde(serialize_with = "serialize_duration")]
+    pub abuse_delay: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     #[serde(serialize_with = "serialize_store")]
@@ -576,6 +582,12 @@ impl RunArgs {
             "idle-timeout",
             file.idle_timeout,
             parse_duration,
+        )?);
+        self.abuse_delay = self.abuse_delay.or(from_file(
+            p,
+            "abuse-delay",
+            file.abuse_delay,
+            parse_duration_or_zero,
         )?);
         let count = |key: &str, value: Option<usize>, parse: fn(&str) -> Result<usize, String>| {
             from_file(p, key, value.map(|count| count.to_string()), parse)
@@ -847,6 +859,7 @@ impl RunArgs {
             h2_max_pending_reset_streams: args
                 .h2_max_pending_reset_streams
                 .unwrap_or(limits.h2_max_pending_reset_streams),
+            abuse_delay: args.abuse_delay.unwrap_or(limits.abuse_delay),
             log_format: args.log_format.unwrap_or_default(),
             log_level: args.log_level.unwrap_or_else(|| "info".into()),
             store: args
@@ -944,6 +957,7 @@ impl RunSettings {
                 max_connections: self.max_connections,
                 max_concurrent_streams: self.max_concurrent_streams,
                 h2_max_pending_reset_streams: self.h2_max_pending_reset_streams,
+                abuse_delay: self.abuse_delay,
             },
             capture: Some(CaptureSettings {
                 enabled: self.capture,
@@ -1056,6 +1070,12 @@ pub fn parse_upstream_url(text: &str) -> Result<Uri, String> {
         );
     }
     Ok(uri)
+}
+
+/// A duration where zero means "off".
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|_| "expected a duration such as 0s, 50ms or 1s".to_owned())
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -1453,6 +1473,7 @@ mod tests {
         assert_eq!(defaults.limits.max_connections, 10_000);
         assert_eq!(defaults.limits.max_concurrent_streams, 256);
         assert_eq!(defaults.limits.h2_max_pending_reset_streams, 20);
+        assert_eq!(defaults.limits.abuse_delay, Duration::from_millis(50));
         assert_eq!(defaults.proxy.max_headers, 100);
         assert_eq!(defaults.proxy.max_request_body_bytes, 1 << 30);
 
@@ -1462,7 +1483,7 @@ mod tests {
             "upstream = \"http://127.0.0.1:5001\"\nmax-header-bytes = \"16KiB\"\nmax-headers = 50\n\
              header-read-timeout = \"3s\"\nidle-timeout = \"2m\"\nmax-connections = 500\n\
              max-concurrent-streams = 64\nmax-request-body-bytes = 1048576\n\
-             h2-max-pending-reset-streams = 5\n",
+             h2-max-pending-reset-streams = 5\nabuse-delay = \"0s\"\n",
         )
         .expect("write");
         let settings = RunArgs {
@@ -1479,6 +1500,11 @@ mod tests {
         assert_eq!(settings.limits.max_connections, 600, "the flag wins");
         assert_eq!(settings.limits.max_concurrent_streams, 64);
         assert_eq!(settings.limits.h2_max_pending_reset_streams, 5);
+        assert_eq!(
+            settings.limits.abuse_delay,
+            Duration::ZERO,
+            "0s switches it off"
+        );
         assert_eq!(settings.proxy.max_headers, 50);
         assert_eq!(settings.proxy.max_request_body_bytes, 1 << 20);
 

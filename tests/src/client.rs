@@ -180,6 +180,18 @@ impl Client {
         Self::handshake(io, proto, "http", addr.to_string(), None).await
     }
 
+    /// Like [`Client::connect`], from the local address `local` (any address of 127.0.0.0/8 is
+    /// this machine's: a client the proxy sees as another peer).
+    pub async fn connect_from(local: std::net::IpAddr, addr: SocketAddr, proto: Proto) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(local, 0)).unwrap();
+        let stream = within(Duration::from_secs(5), "tcp connect", socket.connect(addr))
+            .await
+            .unwrap_or_else(|e| panic!("connect {addr} from {local}: {e}"));
+        stream.set_nodelay(true).ok();
+        Self::handshake(Box::new(stream), proto, "http", addr.to_string(), None).await
+    }
+
     /// TLS with ALPN (`h2` for H2, `http/1.1` for H1); `cfg` supplies the trust roots.
     pub async fn connect_tls(
         addr: SocketAddr,
