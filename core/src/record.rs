@@ -187,6 +187,8 @@ struct Assembly<'i> {
     started_at: String,
     /// `duration_ms` as JSON text.
     duration_ms: String,
+    /// The request's query with secret parameters redacted.
+    query: Option<Cow<'i, str>>,
     request_body: PreparedBody<'i>,
     /// `Some` exactly when the exchange has a response.
     response_body: Option<PreparedBody<'i>>,
@@ -203,6 +205,10 @@ impl<'i> Assembly<'i> {
             input,
             started_at: format_started_at(input.started_at),
             duration_ms: json_float(input.duration_ms),
+            query: input
+                .request
+                .query
+                .map(|query| redaction.redact_query(query)),
             request_body: PreparedBody::new(input.request.body, redaction),
             response_body: response.map(|response| PreparedBody::new(response.body, redaction)),
             request_headers: RecordedHeaders::new(input.request.headers, redaction),
@@ -424,7 +430,7 @@ impl<'i> Assembly<'i> {
             request: RequestView {
                 method: fields.cut(request.method),
                 path: fields.cut(request.path),
-                query: request.query.map(|query| fields.cut(query)),
+                query: self.query.as_deref().map(|query| fields.cut(query)),
                 http_version: fields.cut(request.http_version),
                 headers: HeadersView(headers.request.entries),
                 headers_truncated: headers.request.truncated,

@@ -1,5 +1,5 @@
 //! Redaction of secrets before anything is recorded (shared README §2): header values by name,
-//! and JSON body fields by path.
+//! query parameter values by name, and JSON body fields by path.
 //!
 //! Two ways to redact a JSON body:
 //! - [`Redaction::redact_json`], exact, on a body that parsed as JSON: each value a configured
@@ -32,6 +32,75 @@ pub const ALWAYS_REDACTED_HEADERS: [&str; 7] = [
     "api-key",
     "ocp-apim-subscription-key",
 ];
+
+/// Query parameters whose values are never recorded, whatever the configuration: the keys and
+/// tokens clients put in URLs (Azure Functions' `code`, Azure SAS `sig`, Google's `key`, OAuth's
+/// `access_token`). Names compare without regard to case, after percent-decoding.
+pub const ALWAYS_REDACTED_QUERY_PARAMETERS: [&str; 15] = [
+    "access_token",
+    "api-key",
+    "api_key",
+    "apikey",
+    "client_secret",
+    "code",
+    "key",
+    "password",
+    "secret",
+    "sig",
+    "signature",
+    "subscription-key",
+    "subscription_key",
+    "token",
+    "x-api-key",
+];
+
+/// Whether a raw (percent-encoded) query parameter name is one of
+/// [`ALWAYS_REDACTED_QUERY_PARAMETERS`].
+fn is_redacted_query_parameter(raw_name: &str) -> bool {
+    let longest = ALWAYS_REDACTED_QUERY_PARAMETERS
+        .iter()
+        .map(|name| name.len())
+        .max()
+        .unwrap_or(0);
+    // An encoded name is at most three bytes per character of a decoded one.
+    if raw_name.is_empty() || raw_name.len() > longest * 3 {
+        return false;
+    }
+    let mut decoded = Vec::with_capacity(raw_name.len());
+    let mut bytes = raw_name.bytes();
+    while let Some(byte) = bytes.next() {
+        let byte = match byte {
+            b'%' => {
+                let mut pair = bytes.clone();
+                match (pair.next(), pair.next()) {
+                    (Some(high), Some(low)) => match (hex_value(high), hex_value(low)) {
+                        (Some(high), Some(low)) => {
+                            bytes = pair;
+                            high << 4 | low
+                        }
+                        _ => byte,
+                    },
+                    _ => byte,
+                }
+            }
+            b'+' => b' ',
+            other => other,
+        };
+        decoded.push(byte.to_ascii_lowercase());
+    }
+    ALWAYS_REDACTED_QUERY_PARAMETERS
+        .iter()
+        .any(|name| name.as_bytes() == decoded.as_slice())
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
 
 /// A redaction setting that could not be understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,6 +332,33 @@ impl Redaction {
         ALWAYS_REDACTED_HEADERS.contains(&name.as_str()) || self.extra_headers.contains(name)
     }
 
+    /// The query with the value of every [`ALWAYS_REDACTED_QUERY_PARAMETERS`] parameter
+    /// replaced by [`REDACTED`]; borrowed unchanged when there is none.
+    pub fn redact_query<'q>(&self, query: &'q str) -> Cow<'q, str> {
+        let parameter_name = |pair: &'q str| pair.split_once('=').map_or(pair, |(name, _)| name);
+        if !query
+            .split('&')
+            .any(|pair| is_redacted_query_parameter(parameter_name(pair)))
+        {
+            return Cow::Borrowed(query);
+        }
+        let mut redacted = String::with_capacity(query.len());
+        for (index, pair) in query.split('&').enumerate() {
+            if index > 0 {
+                redacted.push('&');
+            }
+            let name = parameter_name(pair);
+            if is_redacted_query_parameter(name) {
+                redacted.push_str(name);
+                redacted.push('=');
+                redacted.push_str(REDACTED);
+            } else {
+                redacted.push_str(pair);
+            }
+        }
+        Cow::Owned(redacted)
+    }
+
     /// Whether any JSON path is configured (without one, bodies are never changed).
     pub fn has_json_paths(&self) -> bool {
         !self.json_paths.is_empty()
@@ -488,6 +584,24 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn query_secrets_are_redacted_by_name_in_any_case_or_encoding() {
+        let redaction = Redaction::default();
+        assert!(matches!(
+            redaction.redact_query("t=1&model=a&keyword=x"),
+            Cow::Borrowed("t=1&model=a&keyword=x")
+        ));
+        assert_eq!(
+            redaction.redact_query("code=abc&t=1&API_KEY=x&sig=a%2Fb&Access%5Ftoken=y&key"),
+            "code=[redacted]&t=1&API_KEY=[redacted]&sig=[redacted]&Access%5Ftoken=[redacted]&key=[redacted]"
+        );
+        assert_eq!(
+            redaction.redact_query("token=a=b&&x"),
+            "token=[redacted]&&x"
+        );
+        assert_eq!(redaction.redact_query("%zzkey=1&%"), "%zzkey=1&%");
+    }
 
     fn redaction(paths: &[&str]) -> Redaction {
         let paths: Vec<String> = paths.iter().map(|path| (*path).to_owned()).collect();

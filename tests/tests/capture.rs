@@ -832,8 +832,10 @@ async fn capture_stalled_stdout_sink_never_slows_clients_and_stays_bounded() {
 
 // ---------------------------------------------------------------- 10. secrets
 
-const SECRETS: [&str; 5] = [
+const SECRETS: [&str; 7] = [
     "SECRET-AUTH-123",
+    "SECRET-QUERY-111",
+    "SECRET-QUERY-222",
     "SECRET-COOKIE-456",
     "SECRET-KEY-789",
     "SECRET-TOKEN-000",
@@ -882,7 +884,7 @@ async fn capture_redacts_secrets_everywhere_but_forwards_them() {
             let r = send(
                 &mut c,
                 "POST",
-                &format!("/echo?{tag}"),
+                &format!("/echo?{tag}&code=SECRET-QUERY-111&api%5Fkey=SECRET-QUERY-222"),
                 &id,
                 &headers,
                 body.clone(),
@@ -896,6 +898,13 @@ async fn capture_redacts_secrets_everywhere_but_forwards_them() {
             );
             // The upstream got the real values.
             let at_up = up.wait_path(&tag).await;
+            assert!(
+                at_up
+                    .path_and_query()
+                    .ends_with("&code=SECRET-QUERY-111&api%5Fkey=SECRET-QUERY-222"),
+                "upstream must receive the real query: {}",
+                at_up.path_and_query()
+            );
             for (k, v) in &headers {
                 assert_eq!(
                     at_up.header(k).as_deref(),
@@ -906,6 +915,11 @@ async fn capture_redacts_secrets_everywhere_but_forwards_them() {
 
             let rec = store.wait_one(&id).await;
             let b = rec.brief();
+            assert_eq!(
+                rec.str_at("/request/query"),
+                Some(format!("{tag}&code=[redacted]&api%5Fkey=[redacted]").as_str()),
+                "{b}"
+            );
             for (k, _) in &headers[..4] {
                 assert_eq!(
                     rec.header("request", k).as_deref(),
