@@ -14,6 +14,7 @@ use scoretap_tests::harness::proxy_for;
 use scoretap_tests::hostile::{h2_client, h2_get, slow_head};
 use scoretap_tests::metrics::scrape;
 use scoretap_tests::raw::{chunk, request_bytes, Framing};
+use scoretap_tests::traces::proc_status_kib;
 use scoretap_tests::upstream::BodyOutcome;
 use scoretap_tests::util::eventually;
 use scoretap_tests::*;
@@ -834,9 +835,11 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_RST_STREAM: u8 = 0x3;
 const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
 const FRAME_GOAWAY: u8 = 0x7;
 const END_HEADERS: u8 = 0x4;
 const CANCEL: u32 = 0x8;
@@ -854,9 +857,15 @@ async fn rapid_reset_burst(addr: SocketAddr, pairs: u32) -> Option<u32> {
         burst.extend(h2_frame(FRAME_HEADERS, END_HEADERS, stream, &GET_SLASH));
         burst.extend(h2_frame(FRAME_RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
     }
+    send_and_read_goaway(addr, &burst).await
+}
+
+/// Writes `bytes` on a new connection, then reads frames until the connection ends: the GOAWAY
+/// error code, if one came.
+async fn send_and_read_goaway(addr: SocketAddr, bytes: &[u8]) -> Option<u32> {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    if tcp.write_all(&burst).await.is_err() {
+    if tcp.write_all(bytes).await.is_err() {
         return None;
     }
     let mut received = Vec::new();
@@ -903,6 +912,96 @@ async fn h2_rapid_reset_is_cut_off_with_goaway() {
     // The proxy still serves.
     let mut c = Client::connect(proxy.addr, Proto::H2).await;
     assert_eq!(c.get("/ok").await.status, StatusCode::OK);
+}
+
+/// Empty DATA frames cost a server work without moving a byte: h2 allows a stream at most 100
+/// of them without END_STREAM, then sends GOAWAY `ENHANCE_YOUR_CALM` (h2's own limit, not
+/// configurable; this test fails if a hyper/h2 upgrade loses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_empty_data_frame_flood_is_cut_off_with_goaway() {
+    // HPACK static table: :method POST (3), :scheme http (6), :path / (4).
+    const POST_SLASH: [u8; 3] = [0x83, 0x86, 0x84];
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(&up, &[]).await;
+    let mut flood = H2_PREFACE.to_vec();
+    flood.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    flood.extend(h2_frame(FRAME_HEADERS, END_HEADERS, 1, &POST_SLASH));
+    for _ in 0..1_000 {
+        flood.extend(h2_frame(FRAME_DATA, 0, 1, &[]));
+    }
+    assert_eq!(
+        send_and_read_goaway(proxy.addr, &flood).await,
+        Some(ENHANCE_YOUR_CALM),
+        "1,000 empty DATA frames did not end in GOAWAY ENHANCE_YOUR_CALM"
+    );
+    let mut c = Client::connect_from([127, 0, 0, 2].into(), proxy.addr, Proto::H2).await;
+    assert_eq!(c.get("/ok").await.status, StatusCode::OK);
+}
+
+/// Writes `frame` over and over on a new HTTP/2 connection for `duration` without reading what
+/// comes back; returns the bytes the proxy took (the rest waits in socket buffers).
+async fn flood_unread(addr: SocketAddr, frame: &[u8], duration: Duration) -> (u64, TcpStream) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut opening = H2_PREFACE.to_vec();
+    opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    tcp.write_all(&opening).await.unwrap();
+    let block: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * (64 * 1024 / frame.len()))
+        .collect();
+    let deadline = Instant::now() + duration;
+    let mut written = 0u64;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), tcp.write(&block)).await {
+            Ok(Ok(n)) if n > 0 => written += n as u64,
+            Ok(_) => break,
+            // The proxy stopped reading: the socket buffers are full.
+            Err(_) => {}
+        }
+    }
+    (written, tcp)
+}
+
+/// PING and SETTINGS floods whose answers are never read: each needs an answer (PING ACK,
+/// SETTINGS ACK), and h2 reads the next frame only once the last answer is queued for writing,
+/// so an unread flood stops being read when the socket is full instead of queueing answers
+/// without bound. Measured: memory does not grow with the flood, and another client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_ping_and_settings_floods_do_not_grow_memory() {
+    const FLOOD: Duration = Duration::from_secs(2);
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(&up, &[]).await;
+    let rss_before = proc_status_kib(proxy.pid(), "VmRSS").unwrap();
+    let ping = h2_frame(FRAME_PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    let settings = h2_frame(FRAME_SETTINGS, 0, 0, &[]);
+    let mut held = Vec::new();
+    for (name, frame) in [("PING", &ping), ("SETTINGS", &settings)] {
+        let (written, tcp) = flood_unread(proxy.addr, frame, FLOOD).await;
+        let frames = written / frame.len() as u64;
+        let rss = proc_status_kib(proxy.pid(), "VmRSS").unwrap();
+        println!(
+            "{name} flood: {frames} frames taken in {FLOOD:?} without reading an answer; \
+             proxy RSS {} -> {} KiB",
+            rss_before, rss
+        );
+        // Socket buffers on loopback hold a few MiB: far fewer frames than an unbounded reader
+        // would take in two seconds.
+        assert!(
+            written < 64 << 20,
+            "{name}: the proxy kept reading an unread flood: {written} bytes"
+        );
+        assert!(
+            rss < rss_before + 32 * 1024,
+            "{name}: proxy RSS grew from {rss_before} to {rss} KiB"
+        );
+        held.push(tcp);
+    }
+    // Another client is served while both floods are still open.
+    let mut c = Client::connect_from([127, 0, 0, 2].into(), proxy.addr, Proto::H2).await;
+    assert_eq!(c.get("/ok").await.status, StatusCode::OK);
+    drop(held);
 }
 
 /// A GET on a new connection from `local` (any address of 127.0.0.0/8 is this machine's): its
