@@ -21,8 +21,19 @@ pub enum StoreLocation {
 
 /// A store URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("expected stdout, file:///DIR, a directory path, s3://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]; got '{0}'")]
-pub struct StoreLocationError(String);
+pub enum StoreLocationError {
+    /// Not a form scoretap knows.
+    #[error("expected stdout, file:///DIR, a directory path, s3://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]; got '{0}'")]
+    Unrecognized(String),
+    /// An `s3://` or `az://` URL whose bucket or container name no store accepts.
+    #[error("'{name}' in '{text}' is not a valid {kind} name: expected at least 3 characters, letters, digits, '-' and '.' only (S3 and Azure names are 3 to 63 characters)")]
+    InvalidName {
+        text: String,
+        name: String,
+        /// "bucket" or "container".
+        kind: &'static str,
+    },
+}
 
 impl StoreLocation {
     /// Parses `stdout`, `file:///abs/dir`, `file://./relative`, `file:dir`, a plain path,
@@ -41,7 +52,11 @@ impl StoreLocation {
                         .bytes()
                         .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
                 if !valid_name {
-                    return Err(StoreLocationError(text.to_owned()));
+                    return Err(StoreLocationError::InvalidName {
+                        text: text.to_owned(),
+                        name: name.to_owned(),
+                        kind: if azure { "container" } else { "bucket" },
+                    });
                 }
                 let prefix = if prefix.is_empty() {
                     String::new()
@@ -66,12 +81,14 @@ impl StoreLocation {
             Some(rest) => rest,
             None => match text.strip_prefix("file:") {
                 Some(rest) => rest,
-                None if text.contains("://") => return Err(StoreLocationError(text.to_owned())),
+                None if text.contains("://") => {
+                    return Err(StoreLocationError::Unrecognized(text.to_owned()))
+                }
                 None => text,
             },
         };
         if path.is_empty() {
-            return Err(StoreLocationError(text.to_owned()));
+            return Err(StoreLocationError::Unrecognized(text.to_owned()));
         }
         Ok(StoreLocation::Directory(PathBuf::from(path)))
     }
@@ -207,6 +224,22 @@ mod tests {
         );
         assert!(StoreLocation::parse("s3://").is_err());
         assert!(StoreLocation::parse("az://a b/x").is_err());
+        let short = StoreLocation::parse("s3://b/p")
+            .expect_err("a one-letter bucket")
+            .to_string();
+        assert!(
+            short.contains("'b' in 's3://b/p' is not a valid bucket name")
+                && short.contains("at least 3 characters"),
+            "{short}"
+        );
+        let container = StoreLocation::parse("az://a_b/x")
+            .expect_err("an underscore")
+            .to_string();
+        assert!(container.contains("valid container name"), "{container}");
+        assert!(StoreLocation::parse("ftp://x/y")
+            .expect_err("unknown scheme")
+            .to_string()
+            .starts_with("expected stdout, file:///DIR"));
         assert_eq!(
             StoreLocation::parse("s3://bucket/p")
                 .expect("parse")
