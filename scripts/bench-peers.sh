@@ -121,7 +121,9 @@ percentiles() {
 # NO_ERROR"), so the upload never crosses (nginx passed "8,000 1 MiB uploads/s" that way). So the
 # HTTP/2 upstream is the shared one behind an nginx front on the same CPU that reads each body
 # whole (proxy_request_buffering on, the default) and passes on only the head; the front also
-# gives the direct row its h2c listener (18090).
+# gives the direct row its h2c listener (18090). The front halves the upstream core's rate, so
+# bodies of 16 KiB or less, which arrive with their head (one DATA frame, sent at once), go to the
+# shared upstream itself, given an h2c listener (no proxy can answer before it has them).
 H2_CONFIGS=$(mktemp -d /tmp/scoretap-bench-h2.XXXXXX)
 trap 'rm -rf "$BENCH_STORE" "$BODIES" "$H2_CONFIGS"' EXIT
 sed -e 's|listen 127.0.0.1:18080 backlog=4096;|listen 127.0.0.1:18079 backlog=4096;|' \
@@ -135,6 +137,8 @@ sed -e 's|listen 127.0.0.1:18080 backlog=4096;|listen 127.0.0.1:18079 backlog=40
       proxy_pass_request_body off; proxy_set_header Content-Length "";\
     }\
   }' "$PEERS_DIR/upstream-nginx.conf" >"$H2_CONFIGS/upstream-nginx.conf"
+sed 's|listen 127.0.0.1:18080 backlog=4096;|&\n    listen 127.0.0.1:18090 http2;|' \
+  "$PEERS_DIR/upstream-nginx.conf" >"$H2_CONFIGS/upstream-nginx-plain.conf"
 # nginx ends an HTTP/2 connection after keepalive_requests (1,000) and h2load does not reconnect:
 # lifted as the upstream's is.
 sed -e 's|listen 127.0.0.1:18081 backlog=4096;|listen 127.0.0.1:18081 backlog=4096 http2;|' \
@@ -143,6 +147,7 @@ sed -e 's|listen 127.0.0.1:18081 backlog=4096;|listen 127.0.0.1:18081 backlog=40
 sed 's|bind 127.0.0.1:18082|& proto h2|' "$PEERS_DIR/proxy-haproxy.cfg" >"$H2_CONFIGS/proxy-haproxy.cfg"
 grep -q 'listen 127.0.0.1:18079 backlog' "$H2_CONFIGS/upstream-nginx.conf" &&
   grep -q 'listen 127.0.0.1:18090 http2' "$H2_CONFIGS/upstream-nginx.conf" &&
+  grep -q 'listen 127.0.0.1:18090 http2' "$H2_CONFIGS/upstream-nginx-plain.conf" &&
   grep -q 'backlog=4096 http2' "$H2_CONFIGS/proxy-nginx.conf" &&
   grep -q 'keepalive_requests 1000000' "$H2_CONFIGS/proxy-nginx.conf" &&
   grep -q 'proto h2' "$H2_CONFIGS/proxy-haproxy.cfg" || {
@@ -151,9 +156,11 @@ grep -q 'listen 127.0.0.1:18079 backlog' "$H2_CONFIGS/upstream-nginx.conf" &&
 # h2_run TARGET BODY -> "TARGET req/s p50_ms p99_ms errors", the row run.sh prints for HTTP/1.1:
 # H2_CONNECTIONS h2c connections of H2_STREAMS concurrent POSTs each for D seconds.
 h2_run() {
-  local t=$1 body=$2 port pid="" up log out rps p50 p99 p999 n errors failed
+  local t=$1 body=$2 port pid="" up log out rps p50 p99 p999 n errors failed upstream
+  upstream=$H2_CONFIGS/upstream-nginx.conf
+  (( $(stat -c %s "$body") <= 16384 )) && upstream=$H2_CONFIGS/upstream-nginx-plain.conf
   log=$(mktemp)
-  (cd "$PEERS_DIR" && exec taskset -c 0 nginx -c "$H2_CONFIGS/upstream-nginx.conf" -p /tmp) &
+  (cd "$PEERS_DIR" && exec taskset -c 0 nginx -c "$upstream" -p /tmp) &
   up=$!
   sleep 0.5
   case $t in
