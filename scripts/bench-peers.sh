@@ -153,39 +153,60 @@ grep -q 'listen 127.0.0.1:18079 backlog' "$H2_CONFIGS/upstream-nginx.conf" &&
   grep -q 'proto h2' "$H2_CONFIGS/proxy-haproxy.cfg" || {
   echo "bench-peers: the shared configurations changed; the HTTP/2 edits no longer apply" >&2; exit 1; }
 
+# start_target TARGET UPSTREAM_CONF DIRECT_PORT NGINX_CONF HAPROXY_CONF LOG: starts the nginx
+# upstream on CPU 0, then TARGET's proxy alone on CPU 1 (none for direct, which is the upstream
+# at DIRECT_PORT); sets UPSTREAM_PID, TARGET_PID (empty for direct) and TARGET_PORT.
+start_target() {
+  local t=$1 log=$6
+  (cd "$PEERS_DIR" && exec taskset -c 0 nginx -c "$2" -p /tmp) &
+  UPSTREAM_PID=$!
+  sleep 0.5
+  shift
+  TARGET_PID=""
+  case $t in
+    direct) TARGET_PORT=$2 ;;
+    nginx) (cd "$PEERS_DIR" && exec taskset -c 1 nginx -c "$3" -p /tmp) & TARGET_PID=$!; TARGET_PORT=18081 ;;
+    haproxy) (cd "$PEERS_DIR" && exec taskset -c 1 haproxy -f "$4" -db) & TARGET_PID=$!; TARGET_PORT=18082 ;;
+    envoy) (cd "$PEERS_DIR" && exec taskset -c 1 envoy -c proxy-envoy.yaml --concurrency 1 -l error) & TARGET_PID=$!; TARGET_PORT=18083 ;;
+    envoy-tap) rm -rf /tmp/bench-envoy-tap; mkdir -p /tmp/bench-envoy-tap
+      (cd "$PEERS_DIR" && exec taskset -c 1 envoy -c proxy-envoy-tap.yaml --concurrency 1 -l error --base-id 7) & TARGET_PID=$!; TARGET_PORT=18084 ;;
+    scoretap) # shellcheck disable=SC2086
+      taskset -c 1 "$SCORETAP_BIN" $SCORETAP_ARGS --listen 127.0.0.1:18085 --upstream http://127.0.0.1:18080 \
+        >"$log" 2>&1 & TARGET_PID=$!; TARGET_PORT=18085 ;;
+    scoretap-nocap) # shellcheck disable=SC2086
+      taskset -c 1 "$SCORETAP_BIN" $SCORETAP_NOCAP_ARGS --listen 127.0.0.1:18086 --upstream http://127.0.0.1:18080 \
+        >"$log" 2>&1 & TARGET_PID=$!; TARGET_PORT=18086 ;;
+  esac
+}
+
+# wait_ready [curl options...]: until TARGET_PORT answers a 1 KiB POST (at most 5 s).
+wait_ready() {
+  for _ in $(seq 50); do
+    curl -s -o /dev/null "$@" -X POST --data-binary @"$PEERS_DIR/body-1k.json" \
+      "http://127.0.0.1:$TARGET_PORT/score" && return
+    sleep 0.1
+  done
+}
+
+# stop_target: stops what start_target started.
+stop_target() {
+  [[ -n $TARGET_PID ]] && { kill "$TARGET_PID" 2>/dev/null; wait "$TARGET_PID" 2>/dev/null || true; }
+  kill "$UPSTREAM_PID" 2>/dev/null; wait "$UPSTREAM_PID" 2>/dev/null || true
+}
+
 # h2_run TARGET BODY -> "TARGET req/s p50_ms p99_ms errors", the row run.sh prints for HTTP/1.1:
 # H2_CONNECTIONS h2c connections of H2_STREAMS concurrent POSTs each for D seconds.
 h2_run() {
-  local t=$1 body=$2 port pid="" up log out rps p50 p99 p999 n errors failed upstream
+  local t=$1 body=$2 log out rps p50 p99 p999 n errors failed upstream
   upstream=$H2_CONFIGS/upstream-nginx.conf
   (( $(stat -c %s "$body") <= 16384 )) && upstream=$H2_CONFIGS/upstream-nginx-plain.conf
   log=$(mktemp)
-  (cd "$PEERS_DIR" && exec taskset -c 0 nginx -c "$upstream" -p /tmp) &
-  up=$!
-  sleep 0.5
-  case $t in
-    direct) port=18090 ;;
-    nginx) (cd "$PEERS_DIR" && exec taskset -c 1 nginx -c "$H2_CONFIGS/proxy-nginx.conf" -p /tmp) & pid=$!; port=18081 ;;
-    haproxy) (cd "$PEERS_DIR" && exec taskset -c 1 haproxy -f "$H2_CONFIGS/proxy-haproxy.cfg" -db) & pid=$!; port=18082 ;;
-    envoy) (cd "$PEERS_DIR" && exec taskset -c 1 envoy -c proxy-envoy.yaml --concurrency 1 -l error) & pid=$!; port=18083 ;;
-    envoy-tap) rm -rf /tmp/bench-envoy-tap; mkdir -p /tmp/bench-envoy-tap
-      (cd "$PEERS_DIR" && exec taskset -c 1 envoy -c proxy-envoy-tap.yaml --concurrency 1 -l error --base-id 7) & pid=$!; port=18084 ;;
-    scoretap) # shellcheck disable=SC2086
-      taskset -c 1 "$SCORETAP_BIN" $SCORETAP_ARGS --listen 127.0.0.1:18085 --upstream http://127.0.0.1:18080 \
-        >/tmp/bench-peers-h2-scoretap.log 2>&1 & pid=$!; port=18085 ;;
-    scoretap-nocap) # shellcheck disable=SC2086
-      taskset -c 1 "$SCORETAP_BIN" $SCORETAP_NOCAP_ARGS --listen 127.0.0.1:18086 --upstream http://127.0.0.1:18080 \
-        >/tmp/bench-peers-h2-scoretap-nocap.log 2>&1 & pid=$!; port=18086 ;;
-  esac
-  for _ in $(seq 50); do
-    curl -s -o /dev/null --http2-prior-knowledge -X POST --data-binary @"$PEERS_DIR/body-1k.json" \
-      "http://127.0.0.1:$port/score" && break
-    sleep 0.1
-  done
+  start_target "$t" "$upstream" 18090 "$H2_CONFIGS/proxy-nginx.conf" "$H2_CONFIGS/proxy-haproxy.cfg" \
+    "/tmp/bench-peers-h2-$t.log"
+  wait_ready --http2-prior-knowledge
   out=$(taskset -c 0 h2load -t 1 -c "$H2_CONNECTIONS" -m "$H2_STREAMS" -D "$D" -d "$body" \
-    -H 'content-type: application/json' --log-file="$log" "http://127.0.0.1:$port/score" 2>&1 || true)
-  [[ -n $pid ]] && { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; }
-  kill "$up" 2>/dev/null; wait "$up" 2>/dev/null || true
+    -H 'content-type: application/json' --log-file="$log" "http://127.0.0.1:$TARGET_PORT/score" 2>&1 || true)
+  stop_target
   rps=$(awk '/^finished in/ {print $4}' <<<"$out")
   failed=$(awk '/^requests:/ {print $10 + $12}' <<<"$out")
   read -r p50 p99 p999 n errors <<<"$(percentiles "$log")"
@@ -269,26 +290,14 @@ done
 # when its response arrives, whichever is later: below the 1/(RATE/20) pacing interval (10 ms at
 # 2,000 req/s) the percentiles are exact, above it they are lower bounds (coordinated omission).
 latency_run() {  # latency_run TARGET -> "p50 p99 p99.9 requests errors" in ms
-  local t=$1 port pid="" up log
+  local t=$1 log
   log=$(mktemp)
-  (cd "$PEERS_DIR" && exec taskset -c 0 nginx -c "$PEERS_DIR/upstream-nginx.conf" -p /tmp) &
-  up=$!
-  sleep 0.5
-  case $t in
-    direct) port=18080 ;;
-    nginx) (cd "$PEERS_DIR" && exec taskset -c 1 nginx -c "$PEERS_DIR/proxy-nginx.conf" -p /tmp) & pid=$!; port=18081 ;;
-    scoretap) # shellcheck disable=SC2086
-      taskset -c 1 "$SCORETAP_BIN" $SCORETAP_ARGS --listen 127.0.0.1:18085 --upstream http://127.0.0.1:18080 \
-        >/tmp/bench-peers-rate-scoretap.log 2>&1 & pid=$!; port=18085 ;;
-  esac
-  for _ in $(seq 50); do
-    curl -s -o /dev/null -X POST --data-binary @"$PEERS_DIR/body-1k.json" "http://127.0.0.1:$port/score" && break
-    sleep 0.1
-  done
+  start_target "$t" "$PEERS_DIR/upstream-nginx.conf" 18080 "$PEERS_DIR/proxy-nginx.conf" "$PEERS_DIR/proxy-haproxy.cfg" \
+    "/tmp/bench-peers-rate-$t.log"
+  wait_ready
   taskset -c 0 h2load --h1 -c 20 --rps $(( RATE / 20 )) -D "$RATE_SECONDS" -d "$PEERS_DIR/body-1k.json" \
-    -H 'content-type: application/json' --log-file="$log" "http://127.0.0.1:$port/score" >/dev/null 2>&1 || true
-  [[ -n $pid ]] && { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; }
-  kill "$up" 2>/dev/null; wait "$up" 2>/dev/null || true
+    -H 'content-type: application/json' --log-file="$log" "http://127.0.0.1:$TARGET_PORT/score" >/dev/null 2>&1 || true
+  stop_target
   percentiles "$log"
   rm -f "$log"
   sleep 0.5

@@ -274,19 +274,8 @@ impl BodyState {
         if self.prefix.is_empty() {
             let wanted = file.written().min(MAXIMUM_RECORD_BYTES as u64);
             if capture.budget.try_reserve(wanted) {
-                match settings.staging.read_prefix(&file, MAXIMUM_RECORD_BYTES) {
-                    Ok(prefix) => {
-                        capture.budget.release(wanted - prefix.len() as u64);
-                        self.prefix = prefix;
-                    }
-                    Err(error) => {
-                        capture.budget.release(wanted);
-                        tracing::debug!(
-                            "reading back the prefix of {} failed: {error}",
-                            file.key()
-                        );
-                    }
-                }
+                self.prefix = read_back_prefix(settings, &file);
+                capture.budget.release(wanted - self.prefix.len() as u64);
             }
         }
         settings.staging.discard(file, content_type);
@@ -298,15 +287,7 @@ impl BodyState {
     fn seal_spill(&mut self, spill: Option<&SpillSettings>, content_type: Option<&str>) {
         if let (Spill::Writing(_), Some(settings)) = (&self.spill, spill) {
             if let Spill::Writing(file) = std::mem::replace(&mut self.spill, Spill::Failed) {
-                match settings.staging.read_prefix(&file, MAXIMUM_RECORD_BYTES) {
-                    Ok(prefix) => self.prefix = prefix,
-                    Err(error) => {
-                        tracing::debug!(
-                            "reading back the prefix of {} failed: {error}",
-                            file.key()
-                        );
-                    }
-                }
+                self.prefix = read_back_prefix(settings, &file);
                 let key = settings.staging.seal(file, content_type);
                 self.spill = Spill::Stored(key);
             }
@@ -345,6 +326,18 @@ impl BodyState {
             trailers,
         )
     }
+}
+
+/// The start of a spilled body, read back from its staged file for the record (empty, and
+/// logged, if it cannot be read: the record then shows no inline part).
+fn read_back_prefix(settings: &SpillSettings, file: &StagedFile) -> Vec<u8> {
+    settings
+        .staging
+        .read_prefix(file, MAXIMUM_RECORD_BYTES)
+        .unwrap_or_else(|error| {
+            tracing::debug!("reading back the prefix of {} failed: {error}", file.key());
+            Vec::new()
+        })
 }
 
 #[derive(Debug)]

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 /// The longest interval between a penalized peer's connections.
 pub const MAXIMUM_WAIT: Duration = Duration::from_secs(1);
-/// A penalized peer's connection that would wait longer than this is closed at once.
+/// A penalized peer's connection that would wait longer than this is turned away
+/// ([`Admission::TurnedAway`]).
 pub const MAXIMUM_QUEUE: Duration = Duration::from_secs(5);
 /// A peer with no strike for this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(10);

@@ -16,8 +16,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-
-use crate::penalty::{AbusePenalty, Admission};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -28,6 +26,7 @@ use crate::admin::AdminState;
 use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
 use crate::headers::Downstream;
 use crate::metrics::Metrics;
+use crate::penalty::{AbusePenalty, Admission};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{ReloadableServerConfig, ServerCertificateFiles, TlsError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};

@@ -161,6 +161,18 @@ pub async fn collect(resp: Response<Incoming>) -> Result<Collected, hyper::Error
     })
 }
 
+/// A connection to `addr` from the local address `local`: any address of 127.0.0.0/8 is this
+/// machine's, so a client the proxy sees as another peer.
+pub async fn tcp_from(local: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(local, 0)).unwrap();
+    let stream = within(Duration::from_secs(5), "tcp connect", socket.connect(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr} from {local}: {e}"));
+    stream.set_nodelay(true).ok();
+    stream
+}
+
 async fn tcp(addr: SocketAddr) -> TcpStream {
     let s = within(
         Duration::from_secs(5),
@@ -180,15 +192,9 @@ impl Client {
         Self::handshake(io, proto, "http", addr.to_string(), None).await
     }
 
-    /// Like [`Client::connect`], from the local address `local` (any address of 127.0.0.0/8 is
-    /// this machine's: a client the proxy sees as another peer).
+    /// Like [`Client::connect`], from the local address `local` (see [`tcp_from`]).
     pub async fn connect_from(local: std::net::IpAddr, addr: SocketAddr, proto: Proto) -> Client {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(local, 0)).unwrap();
-        let stream = within(Duration::from_secs(5), "tcp connect", socket.connect(addr))
-            .await
-            .unwrap_or_else(|e| panic!("connect {addr} from {local}: {e}"));
-        stream.set_nodelay(true).ok();
+        let stream = tcp_from(local, addr).await;
         Self::handshake(Box::new(stream), proto, "http", addr.to_string(), None).await
     }
 

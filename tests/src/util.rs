@@ -176,6 +176,18 @@ impl Drop for TempDir {
     }
 }
 
+/// The command-line argument at `position` as a number, `default` when absent (for the load
+/// binaries; a bad value panics naming its position).
+pub fn numeric_argument(position: usize, default: u64) -> u64 {
+    std::env::args()
+        .nth(position)
+        .map(|text| {
+            text.parse()
+                .unwrap_or_else(|_| panic!("argument {position}: expected a number, got {text}"))
+        })
+        .unwrap_or(default)
+}
+
 /// The workspace root (parent of the `tests/` crate).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

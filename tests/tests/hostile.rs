@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use http_body_util::BodyExt;
-use scoretap_tests::client::{channel_body, empty, full};
+use scoretap_tests::client::{channel_body, empty, full, tcp_from};
 use scoretap_tests::harness::proxy_for;
 use scoretap_tests::hostile::{h2_client, h2_get, slow_head};
 use scoretap_tests::metrics::scrape;
@@ -1007,10 +1007,8 @@ async fn h2_ping_and_settings_floods_do_not_grow_memory() {
 /// A GET on a new connection from `local` (any address of 127.0.0.0/8 is this machine's): its
 /// status and how long it took from connecting.
 async fn get_from(local: std::net::IpAddr, addr: SocketAddr) -> (u16, Duration) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(local, 0)).unwrap();
     let started = Instant::now();
-    let stream = within(STEP, "connect", socket.connect(addr)).await.unwrap();
+    let stream = tcp_from(local, addr).await;
     let mut conn = RawConn::from_io(Box::new(stream));
     conn.send(b"GET /ok?t=after-abuse HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         .await;

@@ -16,16 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scoretap_tests::hostile::{rapid_reset, slow_head};
-
-fn argument(position: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(position)
-        .map(|text| {
-            text.parse()
-                .unwrap_or_else(|_| panic!("argument {position}: expected a number, got {text}"))
-        })
-        .unwrap_or(default)
-}
+use scoretap_tests::util::numeric_argument;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -34,8 +25,8 @@ async fn main() {
         .expect("usage: hostile_load ADDR [slowloris] [gap-ms]")
         .parse()
         .expect("ADDR: expected host:port");
-    let slowloris = argument(2, 200) as usize;
-    let gap = Duration::from_millis(argument(3, 100));
+    let slowloris = numeric_argument(2, 200) as usize;
+    let gap = Duration::from_millis(numeric_argument(3, 100));
     let stop = Arc::new(AtomicBool::new(false));
     let closed = Arc::new(AtomicUsize::new(0));
     let resets = Arc::new(AtomicUsize::new(0));

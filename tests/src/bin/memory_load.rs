@@ -12,20 +12,10 @@ use std::time::{Duration, Instant};
 use scoretap_core::metrics::names;
 use scoretap_tests::client::upload_pattern;
 use scoretap_tests::traces::proc_status_kib;
-use scoretap_tests::util::{pattern_sha256, TempDir};
+use scoretap_tests::util::{numeric_argument, pattern_sha256, TempDir};
 use scoretap_tests::{Client, Proto, Scoretap, TestUpstream};
 
 const MIB: u64 = 1 << 20;
-
-fn argument(position: usize, default: u64) -> u64 {
-    std::env::args()
-        .nth(position)
-        .map(|text| {
-            text.parse()
-                .unwrap_or_else(|_| panic!("argument {position}: expected a number, got {text}"))
-        })
-        .unwrap_or(default)
-}
 
 /// One upload through the proxy on its own connection; whether the upstream got it whole.
 async fn upload(proxy: std::net::SocketAddr, id: String, size: u64, expected: Arc<String>) -> bool {
@@ -65,9 +55,9 @@ fn metric_sum(exposition: &str, name: &str) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let uploads = argument(1, 1000) as usize;
-    let upload_bytes = argument(2, 10) * MIB;
-    let large_bytes = argument(3, 1024) * MIB;
+    let uploads = numeric_argument(1, 1000) as usize;
+    let upload_bytes = numeric_argument(2, 10) * MIB;
+    let large_bytes = numeric_argument(3, 1024) * MIB;
     let flags: Vec<String> = std::env::args().skip(4).collect();
 
     let upstream = TestUpstream::start().await;
