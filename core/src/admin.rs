@@ -1,5 +1,7 @@
 //! The admin listener: liveness and readiness for orchestrators, the capture switch, and the
-//! record query. Mutating endpoints need the bearer token (`--admin-token`).
+//! record query. Mutating endpoints need the bearer token (`--admin-token`). Records hold model
+//! inputs: `GET /traces` needs the token once one is set, and without one it answers only a
+//! client on the admin's own address (see [`Client`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,7 +80,7 @@ impl AdminState {
         response
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn route(&self, request: Request<Incoming>, client: Client) -> Response<ResponseBody> {
         match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => {
                 json(StatusCode::OK, r#"{"status":"alive"}"#)
@@ -88,11 +90,17 @@ impl AdminState {
             (&Method::GET, "/capture") => self.capture_state(),
             (&Method::PUT, "/capture") => self.change_capture(request).await,
             (&Method::GET, "/traces") => {
-                // Records hold model inputs: with a token configured, reading them needs it too.
+                // Records hold model inputs: with a token configured, reading them needs it too;
+                // without one, only from this host.
                 if self.token.is_some() {
                     if let Some(refusal) = self.refusal(&request) {
                         return refusal;
                     }
+                } else if client == Client::Remote {
+                    return json(
+                        StatusCode::FORBIDDEN,
+                        r#"{"error":"forbidden","message":"records are served to other hosts only with --admin-token set"}"#,
+                    );
                 }
                 self.traces(request.uri().query()).await
             }
@@ -385,6 +393,27 @@ fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Respons
 }
 
 /// Serves the admin endpoints over HTTP/1.1 until the task is aborted.
+/// Where an admin client connects from, as far as reading records without a token goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// From the address it connected to: a process on this host (or in this pod) talking to
+    /// itself, as `curl 127.0.0.1:9901` or `kubectl port-forward` do.
+    SameAddress,
+    /// From any other address: another host, or the kubelet and Prometheus reaching a pod.
+    Remote,
+}
+
+impl Client {
+    fn of(stream: &tokio::net::TcpStream) -> Self {
+        match (stream.peer_addr(), stream.local_addr()) {
+            (Ok(peer), Ok(local)) if peer.ip().to_canonical() == local.ip().to_canonical() => {
+                Self::SameAddress
+            }
+            _ => Self::Remote,
+        }
+    }
+}
+
 pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
         let stream = match listener.accept().await {
@@ -396,10 +425,11 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
             }
         };
         let state = state.clone();
+        let client = Client::of(&stream);
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(state.route(request).await) }
+                async move { Ok::<_, Infallible>(state.route(request, client).await) }
             });
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

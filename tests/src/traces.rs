@@ -504,7 +504,30 @@ pub async fn admin_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<RawResponse> {
-    let s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+    admin_request_from(None, addr, method, path, headers, body).await
+}
+
+/// [`admin_request`] from the local address `local` when given (`127.0.0.2`: another address of
+/// this host, as a client on another host would be to the admin).
+pub async fn admin_request_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<RawResponse> {
+    let connect = async {
+        match local {
+            Some(local) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(local, 0))?;
+                socket.connect(addr).await
+            }
+            None => tokio::net::TcpStream::connect(addr).await,
+        }
+    };
+    let s = tokio::time::timeout(Duration::from_secs(2), connect)
         .await
         .ok()?
         .ok()?;

@@ -1,13 +1,14 @@
 //! The admin listener's security: changes need `--admin-token` (refused when none is configured,
 //! 401 for a missing or wrong one, whatever its length), records (`GET /traces`) need it once
-//! one is set, the probes and metrics never do, and the listener stays on loopback unless
-//! `--admin-allow-remote` says otherwise.
+//! one is set (and without one are served only to a client on the admin's own address), the
+//! probes and metrics never do, and the listener stays on loopback unless `--admin-allow-remote`
+//! says otherwise.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use scoretap_tests::traces::{admin_request, capture_state, TraceStore};
+use scoretap_tests::traces::{admin_request_from, capture_state, TraceStore};
 use scoretap_tests::util::TempDir;
 use scoretap_tests::*;
 use serde_json::json;
@@ -32,11 +33,23 @@ async fn admin(
     authorization: Option<&str>,
     body: &str,
 ) -> (u16, Option<String>, String) {
+    admin_from(None, address, method, path, authorization, body).await
+}
+
+/// [`admin`] from the local address `local` when given.
+async fn admin_from(
+    local: Option<IpAddr>,
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: &str,
+) -> (u16, Option<String>, String) {
     let mut headers = vec![("content-type", "application/json")];
     if let Some(value) = authorization {
         headers.push(("authorization", value));
     }
-    let response = admin_request(address, method, path, &headers, body.as_bytes())
+    let response = admin_request_from(local, address, method, path, &headers, body.as_bytes())
         .await
         .unwrap_or_else(|| panic!("{method} {path}: no answer"));
     (
@@ -96,6 +109,23 @@ async fn without_a_configured_token_changes_are_refused() {
             admin(proxy.admin, "GET", path, None, "").await.0,
             200,
             "{path}"
+        );
+    }
+    // From another address (127.0.0.2, as another host, or the kubelet reaching a pod, would
+    // be), records are refused without a token; probes, metrics and the state stay open.
+    let elsewhere = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    let (status, _, body) =
+        admin_from(elsewhere, proxy.admin, "GET", "/traces?limit=5", None, "").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--admin-token"), "{body}");
+    assert!(!body.contains("open-read"), "{body}");
+    for path in ["/healthz", "/readyz", "/metrics", "/capture"] {
+        assert_eq!(
+            admin_from(elsewhere, proxy.admin, "GET", path, None, "")
+                .await
+                .0,
+            200,
+            "{path} from 127.0.0.2"
         );
     }
 }
@@ -179,16 +209,20 @@ async fn records_need_the_token_once_one_is_set() {
         assert_eq!(status, 401, "{authorization:?}: {body}");
         assert!(!body.contains("guarded-read"), "{body}");
     }
-    let (status, _, body) = admin(
-        proxy.admin,
-        "GET",
-        "/traces?limit=5",
-        Some(&format!("Bearer {TOKEN}")),
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("guarded-read"), "{body}");
+    // With the token, records are served to this host and to other addresses alike.
+    for local in [None, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))] {
+        let (status, _, body) = admin_from(
+            local,
+            proxy.admin,
+            "GET",
+            "/traces?limit=5",
+            Some(&format!("Bearer {TOKEN}")),
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "from {local:?}: {body}");
+        assert!(body.contains("guarded-read"), "{body}");
+    }
     // Probes, metrics and the capture state stay open: orchestrators and Prometheus have no token.
     for path in ["/healthz", "/readyz", "/metrics", "/capture"] {
         assert_eq!(
