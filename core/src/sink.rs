@@ -23,8 +23,13 @@ pub enum StoreLocation {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreLocationError {
     /// Not a form scoretap knows.
-    #[error("expected stdout, file:///DIR, a directory path, s3://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]; got '{0}'")]
+    #[error("expected stdout, file:///DIR, a directory path, s3://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]; got '{}'", crate::storage::remote::sanitize(.0))]
     Unrecognized(String),
+    /// An `s3://` or `az://` URL with a query or fragment: a SAS token pasted into the URL would
+    /// otherwise become part of every key, and of every log line naming the store. The query is
+    /// not repeated in the message.
+    #[error("'{without_query}?…' takes no query: give a SAS token in AZURE_STORAGE_SAS_TOKEN and other credentials in the environment (the query is not shown, as it may hold one)")]
+    QueryNotAllowed { without_query: String },
     /// An `s3://` or `az://` URL whose bucket or container name no store accepts.
     #[error("'{name}' in '{text}' is not a valid {kind} name: expected at least 3 characters, letters, digits, '-' and '.' only (S3 and Azure names are 3 to 63 characters)")]
     InvalidName {
@@ -45,6 +50,11 @@ impl StoreLocation {
         }
         for (scheme, azure) in [("s3://", false), ("az://", true)] {
             if let Some(rest) = text.strip_prefix(scheme) {
+                if let Some((before, _)) = text.split_once(['?', '#']) {
+                    return Err(StoreLocationError::QueryNotAllowed {
+                        without_query: before.to_owned(),
+                    });
+                }
                 let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
                 let prefix = prefix.trim_matches('/');
                 let valid_name = name.len() >= 3
@@ -246,5 +256,29 @@ mod tests {
                 .object_url("bodies/x/request"),
             "s3://bucket/p/bodies/x/request"
         );
+    }
+
+    /// A query (a pasted SAS token) is refused, and no error repeats it.
+    #[test]
+    fn store_urls_with_a_query_are_refused_without_repeating_it() {
+        for (text, shown) in [
+            (
+                "az://scoring/traces?sv=2024&sig=SECRETSIG",
+                "'az://scoring/traces?…'",
+            ),
+            ("s3://traces-bucket/p#SECRETSIG", "'s3://traces-bucket/p?…'"),
+            (
+                "https://account.blob.core.windows.net/scoring?sv=1&sig=SECRETSIG",
+                "'https://account.blob.core.windows.net/scoring?sv=1&sig=[redacted]'",
+            ),
+        ] {
+            let message = StoreLocation::parse(text).expect_err("refused").to_string();
+            assert!(message.contains(shown), "{message}");
+            assert!(!message.contains("SECRETSIG"), "{message}");
+        }
+        assert!(StoreLocation::parse("az://scoring/traces?sig=x")
+            .expect_err("refused")
+            .to_string()
+            .contains("AZURE_STORAGE_SAS_TOKEN"));
     }
 }

@@ -466,7 +466,7 @@ fn check_config_prints_no_secret() {
 
 /// A URL with credentials in it is refused, as a flag, a variable or a config key, and the
 /// refusal names the flag without quoting the password; a store endpoint with a SAS in its
-/// query is refused without its signature.
+/// query, or a store URL with one, is refused without its signature.
 #[test]
 fn refused_urls_are_not_quoted_with_their_credentials() {
     const PASSWORD: &str = "urlPassword-Xy7Wv5";
@@ -474,6 +474,9 @@ fn refused_urls_are_not_quoted_with_their_credentials() {
     let s3_with_keys = format!("http://AKIASCORETAPTEST:{PASSWORD}@127.0.0.1:9000");
     let sas_endpoint =
         format!("https://account.blob.core.windows.net/?sv=2022-11-02&sig={PASSWORD}");
+    let sas_store = format!("az://scoring-data/model?sv=2022-11-02&sig={PASSWORD}");
+    let sas_blob_url =
+        format!("https://account.blob.core.windows.net/scoring-data?sv=2022-11-02&sig={PASSWORD}");
     let directory = TempDir::new("secrets-config");
     let config = directory.join("scoretap.toml");
     std::fs::write(&config, format!("upstream = \"{with_password}\"\n")).unwrap();
@@ -519,6 +522,18 @@ fn refused_urls_are_not_quoted_with_their_credentials() {
             vec![],
             "--azure-endpoint",
         ),
+        // A SAS pasted into the store URL: refused (it would be part of every key), unquoted.
+        (
+            vec!["--upstream", "http://127.0.0.1:9", "--store", &sas_store],
+            vec![],
+            "--store",
+        ),
+        (
+            vec!["--upstream", "http://127.0.0.1:9"],
+            vec![("SCORETAP_STORE", &sas_blob_url)],
+            "--store",
+        ),
+        (vec!["traces", "--store", &sas_store], vec![], "--store"),
     ];
     for (arguments, environment, flag) in cases {
         let output = run_cli(&arguments, &environment, Duration::from_secs(20));
