@@ -1150,7 +1150,7 @@ async fn hostile_clients_do_not_starve_a_well_behaved_one() {
             .and_then(|value| value.parse().ok())
             .unwrap_or_else(|| panic!("hostile_load reported no {name}: {report:?}"))
     };
-    let (closed, resets, goaways) = (count("slowloris_closed"), count("resets"), count("goaways"));
+    let (closed, resets) = (count("slowloris_closed"), count("resets"));
     let bound = (baseline * 2).max(ATTACKED_P99_FLOOR);
     println!(
         "p99 of {SAMPLES} small requests: alone {baseline:?}, under attack {attacked:?} (bound {bound:?}); \
@@ -1164,7 +1164,11 @@ async fn hostile_clients_do_not_starve_a_well_behaved_one() {
         resets > 10_000,
         "the rapid reset attack was too small to mean anything: {resets}"
     );
-    assert!(goaways > 0, "rapid reset was never answered with GOAWAY");
+    // The GOAWAYs the report counts are not asserted here: one comes only when the attacker
+    // outruns the proxy's accept loop (h2 counts streams reset before they are accepted), which
+    // on a loaded 2-core machine it sometimes does not (0 in one run of the whole suite, 2 to 4
+    // alone). The cut-off is asserted deterministically by `h2_rapid_reset_is_cut_off_with_goaway`,
+    // the penalty after it by `abusive_peer_waits_before_its_next_connection`.
     assert!(
         attacked <= bound,
         "a well-behaved client's p99 went from {baseline:?} to {attacked:?} under attack (bound {bound:?})"
