@@ -1,7 +1,7 @@
 //! The admin listener: liveness and readiness for orchestrators, the capture switch, and the
 //! record query. Mutating endpoints need the bearer token (`--admin-token`). Records hold model
 //! inputs: `GET /traces` needs the token once one is set, and without one it answers only a
-//! client on the admin's own address (see [`Client`]).
+//! client on the admin's own address (a shell on the host or in the pod).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -392,7 +392,6 @@ fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Respons
     response
 }
 
-/// Serves the admin endpoints over HTTP/1.1 until the task is aborted.
 /// Where an admin client connects from, as far as reading records without a token goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Client {
@@ -414,6 +413,7 @@ impl Client {
     }
 }
 
+/// Serves the admin endpoints over HTTP/1.1 until the task is aborted.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
         let stream = match listener.accept().await {

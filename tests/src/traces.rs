@@ -508,7 +508,7 @@ pub async fn admin_request(
 }
 
 /// [`admin_request`] from the local address `local` when given (`127.0.0.2`: another address of
-/// this host, as a client on another host would be to the admin).
+/// this host, as a client on another host would be to the admin; a failed connect then panics).
 pub async fn admin_request_from(
     local: Option<std::net::IpAddr>,
     addr: SocketAddr,
@@ -517,20 +517,13 @@ pub async fn admin_request_from(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<RawResponse> {
-    let connect = async {
-        match local {
-            Some(local) => {
-                let socket = tokio::net::TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(local, 0))?;
-                socket.connect(addr).await
-            }
-            None => tokio::net::TcpStream::connect(addr).await,
-        }
+    let s = match local {
+        Some(local) => crate::client::tcp_from(local, addr).await,
+        None => tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?,
     };
-    let s = tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .ok()?
-        .ok()?;
     let mut c = RawConn::from_io(Box::new(s));
     let host = addr.to_string();
     let len = body.len().to_string();

@@ -14,6 +14,8 @@ use scoretap_tests::*;
 use serde_json::json;
 
 const TOKEN: &str = "admin-token-3Kd8Qm2Zx7";
+/// Another address of this host: to the admin, a client on another host.
+const ELSEWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 async fn proxy_with(upstream: &TestUpstream, store: &TraceStore, extra: &[&str]) -> Scoretap {
     Scoretap::builder()
@@ -113,7 +115,7 @@ async fn without_a_configured_token_changes_are_refused() {
     }
     // From another address (127.0.0.2, as another host, or the kubelet reaching a pod, would
     // be), records are refused without a token; probes, metrics and the state stay open.
-    let elsewhere = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    let elsewhere = Some(ELSEWHERE);
     let (status, _, body) =
         admin_from(elsewhere, proxy.admin, "GET", "/traces?limit=5", None, "").await;
     assert_eq!(status, 403, "{body}");
@@ -210,7 +212,7 @@ async fn records_need_the_token_once_one_is_set() {
         assert!(!body.contains("guarded-read"), "{body}");
     }
     // With the token, records are served to this host and to other addresses alike.
-    for local in [None, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))] {
+    for local in [None, Some(ELSEWHERE)] {
         let (status, _, body) = admin_from(
             local,
             proxy.admin,
