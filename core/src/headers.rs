@@ -182,7 +182,7 @@ pub enum HeadViolation {
     /// RFC 9112 §6.3: "If a message is received without Transfer-Encoding and with an invalid
     /// Content-Length header field, then the message framing is invalid and the recipient MUST
     /// treat it as an unrecoverable error, unless the field value can be successfully parsed as
-    /// a comma-separated list (Section 5.6.1 of [HTTP]), all values in the list are valid, and
+    /// a comma-separated list (Section 5.6.1 of \[HTTP\]), all values in the list are valid, and
     /// all values in the list are the same [...]. If this is a request message, the server MUST
     /// respond with a 400 (Bad Request) status code and then close the connection." scoretap
     /// takes the strict reading: more than one Content-Length field line is refused.

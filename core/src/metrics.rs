@@ -89,7 +89,7 @@ pub const OUTCOMES: [&str; 5] = [
     "proxy_error",
 ];
 
-/// The index of a method in [`METHODS`].
+/// The index of a method in the `method` label values (`METHODS`).
 pub fn method_index(method: &Method) -> usize {
     match *method {
         Method::GET => 0,
