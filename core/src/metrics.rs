@@ -316,12 +316,12 @@ impl Metrics {
         self.upstream_duration.record(seconds);
     }
 
-    /// The proxy answered with an error of this kind.
     /// A connection waited before it was served ([`crate::penalty`]).
     pub fn connection_delayed(&self) {
         self.connections_delayed.increment(1);
     }
 
+    /// The proxy answered with an error of this kind.
     pub fn proxy_error(&self, kind: &str) {
         if let Some(index) = PROXY_ERROR_KINDS.iter().position(|known| *known == kind) {
             self.proxy_errors[index].increment(1);

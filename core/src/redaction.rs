@@ -66,31 +66,38 @@ fn is_redacted_query_parameter(raw_name: &str) -> bool {
     if raw_name.is_empty() || raw_name.len() > longest * 3 {
         return false;
     }
-    let mut decoded = Vec::with_capacity(raw_name.len());
-    let mut bytes = raw_name.bytes();
+    let decoded = decode_form_component(raw_name);
+    ALWAYS_REDACTED_QUERY_PARAMETERS
+        .iter()
+        .any(|name| name.as_bytes().eq_ignore_ascii_case(&decoded))
+}
+
+/// A name or value of an `application/x-www-form-urlencoded` query, decoded: `%XX` (two hex
+/// digits) is that byte, `+` a space, and anything else, a malformed escape included, itself.
+pub fn decode_form_component(text: &str) -> Vec<u8> {
+    let mut decoded = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
     while let Some(byte) = bytes.next() {
         let byte = match byte {
             b'%' => {
                 let mut pair = bytes.clone();
-                match (pair.next(), pair.next()) {
-                    (Some(high), Some(low)) => match (hex_value(high), hex_value(low)) {
-                        (Some(high), Some(low)) => {
-                            bytes = pair;
-                            high << 4 | low
-                        }
-                        _ => byte,
-                    },
+                match (
+                    pair.next().and_then(hex_value),
+                    pair.next().and_then(hex_value),
+                ) {
+                    (Some(high), Some(low)) => {
+                        bytes = pair;
+                        high << 4 | low
+                    }
                     _ => byte,
                 }
             }
             b'+' => b' ',
             other => other,
         };
-        decoded.push(byte.to_ascii_lowercase());
+        decoded.push(byte);
     }
-    ALWAYS_REDACTED_QUERY_PARAMETERS
-        .iter()
-        .any(|name| name.as_bytes() == decoded.as_slice())
+    decoded
 }
 
 fn hex_value(digit: u8) -> Option<u8> {
