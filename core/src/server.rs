@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use self::guard::{ConnectionGuard, Expiry, GuardTimeouts, GuardedBody, GuardedIo};
+use self::guard::{CancelAllowance, ConnectionGuard, Expiry, GuardLimits, GuardedBody, GuardedIo};
 
 use crate::admin::AdminState;
 use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
@@ -74,13 +74,16 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Client connections open at once; past it new ones are accepted and closed at once.
     pub max_connections: usize,
-    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`. It also sets how many started streams a
+    /// client may cancel: twice this many at once, refilled at this many a second; past it the
+    /// connection gets GOAWAY and the peer a strike.
     pub max_concurrent_streams: u32,
     /// HTTP/2 streams a client may open and reset before scoretap has accepted them; past it
     /// GOAWAY `ENHANCE_YOUR_CALM` (rapid reset, CVE-2023-44487).
     pub h2_max_pending_reset_streams: usize,
-    /// How long the next connection of a peer cut off with `ENHANCE_YOUR_CALM` waits before it
-    /// is served, doubling per repeat up to a second ([`crate::penalty`]); zero switches it off.
+    /// How long the next connection of a peer cut off with `ENHANCE_YOUR_CALM` (or for
+    /// cancelling too many streams) waits before it is served, doubling per repeat up to a
+    /// second ([`crate::penalty`]); zero switches it off.
     pub abuse_delay: Duration,
 }
 
@@ -485,9 +488,10 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let guard = ConnectionGuard::new(GuardTimeouts {
+        let guard = ConnectionGuard::new(GuardLimits {
             header_read: self.limits.header_read_timeout,
             idle: self.limits.idle_timeout,
+            cancelled_streams: CancelAllowance::for_streams(self.limits.max_concurrent_streams),
         });
         let io = GuardedIo::new(stream, guard.clone(), slot, self.limits.max_header_bytes);
         let service = {
@@ -536,6 +540,14 @@ impl Connection {
                 expiry = guard.expired(), if goaway_deadline.is_none() => match expiry {
                     Expiry::Close => return Ok(()),
                     Expiry::GoAway => {
+                        connection.as_mut().graceful_shutdown();
+                        goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
+                    }
+                    // hyper's graceful GOAWAY says NO_ERROR (it cannot send ENHANCE_YOUR_CALM);
+                    // the client may open no new stream and the penalty slows its reconnecting.
+                    Expiry::CancelledTooMany => {
+                        tracing::debug!(peer = %downstream.peer, "HTTP/2 client cancelled too many streams, sending GOAWAY");
+                        self.penalty.strike(downstream.peer);
                         connection.as_mut().graceful_shutdown();
                         goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
                     }

@@ -117,7 +117,7 @@ pub struct RunArgs {
     /// Client connections open at once; past it new ones are accepted and closed at once [default: 10000]
     #[arg(long, env = "SCORETAP_MAX_CONNECTIONS", value_name = "COUNT", value_parser = parse_count)]
     pub max_connections: Option<usize>,
-    /// HTTP/2 streams a client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS) [default: 256]
+    /// HTTP/2 streams a client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); cancelling twice this many started streams at once, refilled at this many a second, gets GOAWAY [default: 256]
     #[arg(long, env = "SCORETAP_MAX_CONCURRENT_STREAMS", value_name = "COUNT", value_parser = parse_streams)]
     pub max_concurrent_streams: Option<u32>,
     /// Largest request body forwarded; past it 413, and the upstream never receives more [default: 1GiB]

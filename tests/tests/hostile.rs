@@ -842,6 +842,8 @@ const FRAME_SETTINGS: u8 = 0x4;
 const FRAME_PING: u8 = 0x6;
 const FRAME_GOAWAY: u8 = 0x7;
 const END_HEADERS: u8 = 0x4;
+const END_STREAM: u8 = 0x1;
+const NO_ERROR: u32 = 0x0;
 const CANCEL: u32 = 0x8;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
@@ -868,21 +870,30 @@ async fn send_and_read_goaway(addr: SocketAddr, bytes: &[u8]) -> Option<u32> {
     if tcp.write_all(bytes).await.is_err() {
         return None;
     }
+    read_goaway(&mut tcp, STEP).await
+}
+
+/// Reads frames until the connection ends or stays quiet for `quiet`: the GOAWAY error code, if
+/// one came.
+async fn read_goaway(tcp: &mut TcpStream, quiet: Duration) -> Option<u32> {
     let mut received = Vec::new();
     let mut buffer = [0u8; 16 * 1024];
     loop {
-        match tokio::time::timeout(STEP, tcp.read(&mut buffer)).await {
+        match tokio::time::timeout(quiet, tcp.read(&mut buffer)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
         }
     }
-    let mut frames = received.as_slice();
+    first_goaway(&received)
+}
+
+/// The error code of the first GOAWAY among `received` frames.
+fn first_goaway(received: &[u8]) -> Option<u32> {
+    let mut frames = received;
     while frames.len() >= 9 {
         let length =
             usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);
-        let Some(payload) = frames.get(9..9 + length) else {
-            break;
-        };
+        let payload = frames.get(9..9 + length)?;
         if frames[3] == FRAME_GOAWAY && payload.len() >= 8 {
             return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
         }
@@ -911,6 +922,117 @@ async fn h2_rapid_reset_is_cut_off_with_goaway() {
     assert_eq!(rapid_reset_burst_then_close(proxy.addr, 10).await, None);
     // The proxy still serves.
     let mut c = Client::connect(proxy.addr, Proto::H2).await;
+    assert_eq!(c.get("/ok").await.status, StatusCode::OK);
+}
+
+/// Opens `batches` x `per_batch` streams (GET /delay?ms=10000) on one HTTP/2 connection and
+/// resets each batch once all of it has reached the upstream, so that every stream was started
+/// by the proxy before it was cancelled (the rapid reset the proxy keeps up with, which h2's
+/// pending-reset limit does not see). The GOAWAY error code, if one came within a second of the
+/// last reset, and how many of the streams reached the upstream.
+async fn cancel_started_streams(
+    up: &TestUpstream,
+    addr: SocketAddr,
+    batches: usize,
+    per_batch: usize,
+) -> (Option<u32>, usize) {
+    // :method GET (static 2), :scheme http (6), :path as a literal with the indexed name 4.
+    const PATH: &[u8] = b"/delay?ms=10000";
+    let mut get_delay = vec![0x82, 0x86, 0x04, PATH.len() as u8];
+    get_delay.extend_from_slice(PATH);
+    let before = up.request_count();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let mut opening = H2_PREFACE.to_vec();
+    opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    tcp.write_all(&opening).await.unwrap();
+    let mut next_stream = 1u32;
+    for batch in 1..=batches {
+        let streams: Vec<u32> = (0..per_batch)
+            .map(|_| {
+                next_stream += 2;
+                next_stream - 2
+            })
+            .collect();
+        let mut headers = Vec::new();
+        for &stream in &streams {
+            headers.extend(h2_frame(
+                FRAME_HEADERS,
+                END_HEADERS | END_STREAM,
+                stream,
+                &get_delay,
+            ));
+        }
+        tcp.write_all(&headers).await.unwrap();
+        assert!(
+            eventually(STEP, || up.request_count() >= before + batch * per_batch).await,
+            "batch {batch}: {} of {} streams reached the upstream",
+            up.request_count() - before,
+            batch * per_batch
+        );
+        let mut resets = Vec::new();
+        for &stream in &streams {
+            resets.extend(h2_frame(FRAME_RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+        }
+        tcp.write_all(&resets).await.unwrap();
+    }
+    // Until a GOAWAY comes (not until the connection ends: the penalty runs from the GOAWAY), or
+    // a second passes without one.
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    let goaway = loop {
+        match tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break first_goaway(&received),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+        }
+        if let Some(code) = first_goaway(&received) {
+            break Some(code);
+        }
+    };
+    (goaway, up.request_count() - before)
+}
+
+/// Streams cancelled after the proxy started them pass h2's pending-reset limit, and each has
+/// already cost the upstream a request. A client may cancel twice `--max-concurrent-streams` of
+/// them at once (refilled at that many a second); past it the connection gets GOAWAY and the
+/// peer's next connection waits `--abuse-delay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_cancelled_after_they_started_are_cut_off_past_the_allowance() {
+    const DELAY: Duration = Duration::from_millis(400);
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(
+        &up,
+        &["--max-concurrent-streams", "20", "--abuse-delay", "400ms"],
+    )
+    .await;
+    // 30 cancellations, within the allowance of 40.
+    let (goaway, reached) = cancel_started_streams(&up, proxy.addr, 2, 15).await;
+    assert_eq!(reached, 30);
+    assert_eq!(goaway, None, "30 cancelled streams are not abuse");
+    let (status, fresh) = get_from([127, 0, 0, 1].into(), proxy.addr).await;
+    assert_eq!(status, 200);
+    assert!(fresh < DELAY, "no penalty yet: {fresh:?}");
+
+    // 60 in quick succession.
+    let (goaway, reached) = cancel_started_streams(&up, proxy.addr, 3, 20).await;
+    assert_eq!(reached, 60);
+    assert_eq!(
+        goaway,
+        Some(NO_ERROR),
+        "60 streams cancelled after they started did not end in GOAWAY"
+    );
+    let cut_off = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _) = get_from([127, 0, 0, 1].into(), proxy.addr).await;
+    let waited = cut_off.elapsed();
+    assert_eq!(status, 200);
+    // The strike is recorded just before the GOAWAY is sent: part of the wait has passed when
+    // the client reads it (a few milliseconds; without a penalty this takes about 100 ms).
+    assert!(
+        waited >= DELAY * 3 / 4,
+        "the peer was served {waited:?} after it was cut off"
+    );
+    let mut c = Client::connect_from([127, 0, 0, 2].into(), proxy.addr, Proto::H2).await;
     assert_eq!(c.get("/ok").await.status, StatusCode::OK);
 }
 

@@ -8,7 +8,9 @@
 //! - what was ambiguous in each HTTP/1.1 head on the wire ([`HeadViolation`]), handed to the
 //!   request it belongs to;
 //! - the connection's slot of `--max-connections`, held as long as the bytes flow (an upgraded
-//!   connection keeps it).
+//!   connection keeps it);
+//! - how many HTTP/2 streams the client cancelled after scoretap had started them, which is
+//!   rapid reset (CVE-2023-44487) when a client outpaces its allowance ([`CancelAllowance`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -45,6 +47,45 @@ pub(crate) enum Expiry {
     Close,
     /// An idle HTTP/2 connection: GOAWAY, then close.
     GoAway,
+    /// An HTTP/2 client cancelled streams faster than its [`CancelAllowance`]: GOAWAY, then
+    /// close, and the peer is penalized.
+    CancelledTooMany,
+}
+
+/// How a dispatched request ended, as far as the connection can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestEnd {
+    /// Its response was handed to hyper whole (or failed on scoretap's side).
+    Answered,
+    /// It was dropped first: the client reset the stream or went away.
+    Cancelled,
+}
+
+/// How many HTTP/2 streams a client may cancel after scoretap has started them, as a leaky
+/// bucket: `burst` at once, refilled at `per_second`.
+///
+/// RFC 9113 §10.5: "An endpoint that doesn't monitor use of these features exposes itself to a
+/// risk of denial of service. Implementations SHOULD track the use of these features and set
+/// limits on their use." h2's own limit (`--h2-max-pending-reset-streams`) counts only streams
+/// reset before they are accepted; a client whose resets the proxy keeps up with passes it, and
+/// every stream it cancels has already started a request to the upstream. This counts those.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct CancelAllowance {
+    pub burst: f64,
+    pub per_second: f64,
+}
+
+impl CancelAllowance {
+    /// A client may cancel every stream it may have open (`SETTINGS_MAX_CONCURRENT_STREAMS`)
+    /// twice at once, and that many again every second: a client timing out all its requests
+    /// together stays far inside it, one resetting streams as fast as it opens them does not.
+    pub(crate) fn for_streams(max_concurrent_streams: u32) -> Self {
+        let streams = f64::from(max_concurrent_streams.max(1));
+        Self {
+            burst: 2.0 * streams,
+            per_second: streams,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -61,13 +102,19 @@ struct State {
     head_started: Option<Instant>,
     /// One entry per head seen whole on the wire and not yet dispatched, in order.
     verdicts: VecDeque<Option<HeadViolation>>,
+    /// The cancellation bucket's level (HTTP/2 only), as of `cancelled_at`.
+    cancelled: f64,
+    cancelled_at: Instant,
+    /// The bucket overflowed: the connection is to be cut off.
+    cancelled_too_many: bool,
 }
 
-/// Timeouts the guard enforces.
+/// The limits the guard enforces.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct GuardTimeouts {
+pub(crate) struct GuardLimits {
     pub header_read: Duration,
     pub idle: Duration,
+    pub cancelled_streams: CancelAllowance,
 }
 
 /// One connection's guard, shared by its IO, its service and its watchdog.
@@ -76,11 +123,11 @@ pub(crate) struct ConnectionGuard {
     state: Mutex<State>,
     /// Wakes the watchdog when the deadline may have moved earlier.
     changed: Notify,
-    timeouts: GuardTimeouts,
+    limits: GuardLimits,
 }
 
 impl ConnectionGuard {
-    pub(crate) fn new(timeouts: GuardTimeouts) -> Arc<Self> {
+    pub(crate) fn new(limits: GuardLimits) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Self {
             state: Mutex::new(State {
@@ -91,9 +138,12 @@ impl ConnectionGuard {
                 idle_since: now,
                 head_started: None,
                 verdicts: VecDeque::new(),
+                cancelled: 0.0,
+                cancelled_at: now,
+                cancelled_too_many: false,
             }),
             changed: Notify::new(),
-            timeouts,
+            limits,
         })
     }
 
@@ -149,12 +199,27 @@ impl ConnectionGuard {
         (InFlight(Some(self.clone())), violation)
     }
 
-    fn request_finished(&self) {
+    fn request_finished(&self, end: RequestEnd) {
         let mut state = self.state();
         state.in_flight = state.in_flight.saturating_sub(1);
+        let mut wake = false;
+        if end == RequestEnd::Cancelled && state.protocol == Protocol::Http2 {
+            let now = Instant::now();
+            let CancelAllowance { burst, per_second } = self.limits.cancelled_streams;
+            let leaked = now.duration_since(state.cancelled_at).as_secs_f64() * per_second;
+            state.cancelled = (state.cancelled - leaked).max(0.0) + 1.0;
+            state.cancelled_at = now;
+            if state.cancelled > burst && !state.cancelled_too_many {
+                state.cancelled_too_many = true;
+                wake = true;
+            }
+        }
         if state.in_flight == 0 {
             state.idle_since = Instant::now();
-            drop(state);
+            wake = true;
+        }
+        drop(state);
+        if wake {
             self.changed.notify_one();
         }
     }
@@ -166,13 +231,19 @@ impl ConnectionGuard {
         state.head_started = None;
     }
 
-    /// When the connection expires and what to do then; `None` while a request is in flight.
+    /// When the connection expires and what to do then; `None` while a request is in flight,
+    /// unless the client cancelled too many streams (then at once).
     fn deadline(&self) -> Option<(Instant, Expiry)> {
         let state = self.state();
+        if state.cancelled_too_many {
+            return Some((state.cancelled_at, Expiry::CancelledTooMany));
+        }
         if state.in_flight > 0 {
             return None;
         }
-        let GuardTimeouts { header_read, idle } = self.timeouts;
+        let GuardLimits {
+            header_read, idle, ..
+        } = self.limits;
         Some(match (state.protocol, state.head_started) {
             (Protocol::Http2, _) => (state.idle_since + idle, Expiry::GoAway),
             (_, Some(started)) => (started + header_read, Expiry::Close),
@@ -213,16 +284,18 @@ impl InFlight {
         }
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, end: RequestEnd) {
         if let Some(guard) = self.0.take() {
-            guard.request_finished();
+            guard.request_finished(end);
         }
     }
 }
 
 impl Drop for InFlight {
+    /// Dropped before its response ended: the client reset the stream or went away (or
+    /// scoretap is stopping).
     fn drop(&mut self) {
-        self.finish();
+        self.finish(RequestEnd::Cancelled);
     }
 }
 
@@ -236,8 +309,12 @@ pin_project! {
     }
 }
 
-impl<B> GuardedBody<B> {
-    pub(crate) fn new(inner: B, in_flight: InFlight) -> Self {
+impl<B: Body> GuardedBody<B> {
+    pub(crate) fn new(inner: B, mut in_flight: InFlight) -> Self {
+        // hyper sends a body that is already over with the head, without polling it.
+        if inner.is_end_stream() {
+            in_flight.finish(RequestEnd::Answered);
+        }
         Self { inner, in_flight }
     }
 }
@@ -250,10 +327,17 @@ impl<B: Body<Data = Bytes>> Body for GuardedBody<B> {
         self: Pin<&mut Self>,
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(context);
-        if matches!(polled, Poll::Ready(None)) {
-            this.in_flight.finish();
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(context);
+        // hyper stops polling after the frame that leaves the body at its end (or after
+        // trailers), and after an error, which is scoretap's or the upstream's, not the client's.
+        let over = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if over {
+            this.in_flight.finish(RequestEnd::Answered);
         }
         polled
     }
@@ -351,9 +435,13 @@ impl<S: AsyncWrite> AsyncWrite for GuardedIo<S> {
 mod tests {
     use super::*;
 
-    const TIMEOUTS: GuardTimeouts = GuardTimeouts {
+    const TIMEOUTS: GuardLimits = GuardLimits {
         header_read: Duration::from_secs(10),
         idle: Duration::from_secs(60),
+        cancelled_streams: CancelAllowance {
+            burst: 10.0,
+            per_second: 5.0,
+        },
     };
 
     #[tokio::test(start_paused = true)]
@@ -421,5 +509,88 @@ mod tests {
         assert_eq!(guard.deadline(), None);
         drop(second);
         assert!(guard.deadline().is_some());
+    }
+
+    /// Cancels `n` requests on the guard at once (started and dropped before their response).
+    fn cancel(guard: &Arc<ConnectionGuard>, n: usize) {
+        let requests: Vec<_> = (0..n).map(|_| guard.request_started().0).collect();
+        drop(requests);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_clients_cancelling_past_their_allowance_are_cut_off() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        cancel(&guard, 10);
+        assert_eq!(
+            guard.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::GoAway),
+            "a burst within the allowance is not abuse"
+        );
+        let (open, _) = guard.request_started();
+        cancel(&guard, 1);
+        assert_eq!(
+            guard.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::CancelledTooMany),
+            "one more is, even with a request in flight"
+        );
+        assert_eq!(guard.expired().await, Expiry::CancelledTooMany);
+        drop(open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelling_at_the_allowed_rate_goes_on_for_ever() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        for _ in 0..100 {
+            cancel(&guard, 5);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_ne!(
+            guard.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::CancelledTooMany)
+        );
+        cancel(&guard, 11);
+        assert_eq!(
+            guard.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::CancelledTooMany)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answered_requests_and_http1_cancellations_are_not_counted() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        for _ in 0..100 {
+            let (in_flight, _) = guard.request_started();
+            // An empty body is over before hyper polls it.
+            drop(GuardedBody::new(
+                http_body_util::Empty::<Bytes>::new(),
+                in_flight,
+            ));
+        }
+        let (in_flight, _) = guard.request_started();
+        let mut body = Box::pin(GuardedBody::new(
+            http_body_util::Full::new(Bytes::from_static(b"answer")),
+            in_flight,
+        ));
+        let frame = std::future::poll_fn(|context| body.as_mut().poll_frame(context)).await;
+        assert!(frame.is_some_and(|frame| frame.is_ok()));
+        // Full is at its end after its one frame: hyper would not poll again.
+        drop(body);
+        assert_eq!(
+            guard.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::GoAway)
+        );
+
+        let http1 = ConnectionGuard::new(TIMEOUTS);
+        for _ in 0..100 {
+            http1.on_framing(FramingEvent::HeadComplete(None));
+            cancel(&http1, 1);
+        }
+        assert_eq!(
+            http1.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::Close)
+        );
     }
 }
