@@ -925,11 +925,45 @@ async fn h2_rapid_reset_is_cut_off_with_goaway() {
     assert_eq!(c.get("/ok").await.status, StatusCode::OK);
 }
 
-/// Opens `batches` x `per_batch` streams (GET /delay?ms=10000) on one HTTP/2 connection and
-/// resets each batch once all of it has reached the upstream, so that every stream was started
-/// by the proxy before it was cancelled (the rapid reset the proxy keeps up with, which h2's
-/// pending-reset limit does not see). The GOAWAY error code, if one came within a second of the
-/// last reset, and how many of the streams reached the upstream.
+/// An HTTP/2 connection written frame by frame, with what it has received so far.
+struct RawH2 {
+    tcp: TcpStream,
+    received: Vec<u8>,
+}
+
+impl RawH2 {
+    async fn open(addr: SocketAddr) -> Self {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut opening = H2_PREFACE.to_vec();
+        opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+        tcp.write_all(&opening).await.unwrap();
+        Self {
+            tcp,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads what comes within `wait` (returning early at a GOAWAY): the GOAWAY's error code,
+    /// if one has come.
+    async fn goaway_within(&mut self, wait: Duration) -> Option<u32> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buffer = [0u8; 16 * 1024];
+        while first_goaway(&self.received).is_none() {
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut buffer)).await {
+                Ok(Ok(n)) if n > 0 => self.received.extend_from_slice(&buffer[..n]),
+                _ => break,
+            }
+        }
+        first_goaway(&self.received)
+    }
+}
+
+/// Opens up to `batches` x `per_batch` streams (GET /delay?ms=10000) on one HTTP/2 connection
+/// and resets each batch once all of it has reached the upstream, so that every stream was
+/// started by the proxy before it was cancelled (the rapid reset the proxy keeps up with, which
+/// h2's pending-reset limit does not see). Stops at a GOAWAY. The GOAWAY error code, if one came
+/// (at the latest a second after the last reset), and how many streams reached the upstream.
 async fn cancel_started_streams(
     up: &TestUpstream,
     addr: SocketAddr,
@@ -941,11 +975,7 @@ async fn cancel_started_streams(
     let mut get_delay = vec![0x82, 0x86, 0x04, PATH.len() as u8];
     get_delay.extend_from_slice(PATH);
     let before = up.request_count();
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let mut opening = H2_PREFACE.to_vec();
-    opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
-    tcp.write_all(&opening).await.unwrap();
+    let mut connection = RawH2::open(addr).await;
     let mut next_stream = 1u32;
     for batch in 1..=batches {
         let streams: Vec<u32> = (0..per_batch)
@@ -963,33 +993,35 @@ async fn cancel_started_streams(
                 &get_delay,
             ));
         }
-        tcp.write_all(&headers).await.unwrap();
-        assert!(
-            eventually(STEP, || up.request_count() >= before + batch * per_batch).await,
-            "batch {batch}: {} of {} streams reached the upstream",
-            up.request_count() - before,
-            batch * per_batch
-        );
+        connection.tcp.write_all(&headers).await.unwrap();
+        // Until the batch has reached the upstream, or a GOAWAY came (late for the last batch).
+        let deadline = Instant::now() + STEP;
+        while up.request_count() < before + batch * per_batch {
+            if let Some(code) = connection.goaway_within(Duration::from_millis(20)).await {
+                return (Some(code), up.request_count() - before);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "batch {batch}: {} of {} streams reached the upstream",
+                up.request_count() - before,
+                batch * per_batch
+            );
+        }
         let mut resets = Vec::new();
         for &stream in &streams {
             resets.extend(h2_frame(FRAME_RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
         }
-        tcp.write_all(&resets).await.unwrap();
+        connection.tcp.write_all(&resets).await.unwrap();
+        let wait = if batch == batches {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(100)
+        };
+        if let Some(code) = connection.goaway_within(wait).await {
+            return (Some(code), up.request_count() - before);
+        }
     }
-    // Until a GOAWAY comes (not until the connection ends: the penalty runs from the GOAWAY), or
-    // a second passes without one.
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 16 * 1024];
-    let goaway = loop {
-        match tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut buffer)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break first_goaway(&received),
-            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
-        }
-        if let Some(code) = first_goaway(&received) {
-            break Some(code);
-        }
-    };
-    (goaway, up.request_count() - before)
+    (None, up.request_count() - before)
 }
 
 /// Streams cancelled after the proxy started them pass h2's pending-reset limit, and each has
@@ -1013,14 +1045,14 @@ async fn h2_streams_cancelled_after_they_started_are_cut_off_past_the_allowance(
     assert_eq!(status, 200);
     assert!(fresh < DELAY, "no penalty yet: {fresh:?}");
 
-    // 60 in quick succession.
-    let (goaway, reached) = cancel_started_streams(&up, proxy.addr, 3, 20).await;
-    assert_eq!(reached, 60);
+    // Batches of 20 until a GOAWAY: past 40 at once, and 20 more for every second it takes.
+    let (goaway, reached) = cancel_started_streams(&up, proxy.addr, 10, 20).await;
     assert_eq!(
         goaway,
         Some(NO_ERROR),
-        "60 streams cancelled after they started did not end in GOAWAY"
+        "{reached} streams cancelled after they started did not end in GOAWAY"
     );
+    assert!(reached > 40, "cut off after {reached} cancellations");
     let cut_off = Instant::now();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, _) = get_from([127, 0, 0, 1].into(), proxy.addr).await;
