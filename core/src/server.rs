@@ -539,15 +539,14 @@ impl Connection {
                 }
                 expiry = guard.expired(), if goaway_deadline.is_none() => match expiry {
                     Expiry::Close => return Ok(()),
-                    Expiry::GoAway => {
-                        connection.as_mut().graceful_shutdown();
-                        goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
-                    }
-                    // hyper's graceful GOAWAY says NO_ERROR (it cannot send ENHANCE_YOUR_CALM);
-                    // the client may open no new stream and the penalty slows its reconnecting.
-                    Expiry::CancelledTooMany => {
-                        tracing::debug!(peer = %downstream.peer, "HTTP/2 client cancelled too many streams, sending GOAWAY");
-                        self.penalty.strike(downstream.peer);
+                    Expiry::GoAway | Expiry::CancelledTooMany => {
+                        // hyper's graceful GOAWAY says NO_ERROR (it cannot send
+                        // ENHANCE_YOUR_CALM): the client may open no new stream, and for abuse the
+                        // penalty slows its reconnecting.
+                        if expiry == Expiry::CancelledTooMany {
+                            tracing::debug!(peer = %downstream.peer, "HTTP/2 client cancelled too many streams, sending GOAWAY");
+                            self.penalty.strike(downstream.peer);
+                        }
                         connection.as_mut().graceful_shutdown();
                         goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
                     }
