@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
+use crate::progress::Side;
 use crate::record::{
     assemble_into, BodyCapture, RecordFit, RecordInput, RequestPart, ResponsePart,
     MAXIMUM_RECORD_BYTES,
@@ -746,6 +747,10 @@ fn assemble_exchange(
         _ => None,
     };
     let response_cancelled = matches!(&response.end, Some((BodyEnd::Cancelled, _, _)));
+    let response_idle = match &response.end {
+        Some((BodyEnd::Idle { waiting_for, after }, _, _)) => Some((*waiting_for, *after)),
+        _ => None,
+    };
     let mut response_body_and_trailers = response_head
         .as_ref()
         .map(|head| response.capture(content_type(&head.headers)));
@@ -777,7 +782,13 @@ fn assemble_exchange(
         }
     }
     if outcome == "ok" {
-        if let Some(message) = response_end_error {
+        if let Some((waiting_for, after)) = response_idle {
+            let message = crate::progress::idle_message(waiting_for, after);
+            (outcome, error) = match waiting_for {
+                Side::Client => ("client_cancelled", Some(("client_idle_timeout", message))),
+                Side::Upstream => ("upstream_timeout", Some(("upstream_idle_timeout", message))),
+            };
+        } else if let Some(message) = response_end_error {
             outcome = "upstream_error";
             error = Some(("upstream_body_error", message));
         } else if response_cancelled {

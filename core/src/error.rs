@@ -47,6 +47,13 @@ pub enum ProxyError {
     /// The upstream did not send response headers within the response-header timeout.
     #[error("the upstream sent no response headers within {0:?}")]
     UpstreamTimeout(Duration),
+    /// The client stopped sending its request body for the body idle timeout (408, connection
+    /// closed).
+    #[error("{}", crate::progress::idle_message(crate::progress::Side::Client, *.0))]
+    ClientIdle(Duration),
+    /// The upstream stopped reading the request body for the body idle timeout (504).
+    #[error("{}", crate::progress::idle_message(crate::progress::Side::Upstream, *.0))]
+    UpstreamIdle(Duration),
     /// The upstream reset the connection, sent malformed HTTP, or failed mid-exchange.
     #[error("the upstream failed: {0}")]
     Upstream(String),
@@ -69,10 +76,12 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest { .. }
             | ProxyError::MalformedHead(_)
-            | ProxyError::PayloadTooLarge(_) => ErrorOrigin::Client,
+            | ProxyError::PayloadTooLarge(_)
+            | ProxyError::ClientIdle(_) => ErrorOrigin::Client,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamConnectTimeout(_)
             | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamIdle(_)
             | ProxyError::Upstream(_) => ErrorOrigin::Upstream,
             ProxyError::Internal(_) => ErrorOrigin::Proxy,
         }
@@ -84,16 +93,21 @@ impl ProxyError {
             ProxyError::BadRequest { status, .. } => *status,
             ProxyError::MalformedHead(violation) => violation.status(),
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            // RFC 9110 §15.5.9: "The 408 (Request Timeout) status code indicates that the server
+            // did not receive a complete request message within the time that it was prepared to
+            // wait."
+            ProxyError::ClientIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::UpstreamConnectTimeout(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamIdle(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// A stable, machine-readable name for the error (the JSON body's `error`). Every request
-    /// the client got wrong is a `bad_request`, whatever its status.
+    /// the client got wrong is a `bad_request`, whatever its status; a client too slow with its
+    /// body is a `client_idle_timeout`.
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyError::BadRequest { .. }
@@ -102,6 +116,8 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) => "upstream_connect_failed",
             ProxyError::UpstreamConnectTimeout(_) => "upstream_connect_timeout",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::ClientIdle(_) => "client_idle_timeout",
+            ProxyError::UpstreamIdle(_) => "upstream_idle_timeout",
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::Internal(_) => "proxy_error",
         }
@@ -115,26 +131,32 @@ impl ProxyError {
             | ProxyError::PayloadTooLarge(_)
             | ProxyError::Internal(_) => "proxy_error",
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => "upstream_error",
-            ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_) => {
-                "upstream_timeout"
-            }
+            ProxyError::ClientIdle(_) => "client_cancelled",
+            ProxyError::UpstreamConnectTimeout(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamIdle(_) => "upstream_timeout",
         }
     }
 
     /// Whether the client's connection must end after this answer (HTTP/1.x): after ambiguous
     /// framing nothing that follows on the connection can be trusted (RFC 9112 §6.1, §6.3), and
-    /// a body refused at the limit is left unread.
+    /// a body refused at the limit, or given up on, is left unread.
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::MalformedHead(_) | ProxyError::PayloadTooLarge(_)
+            ProxyError::MalformedHead(_)
+                | ProxyError::PayloadTooLarge(_)
+                | ProxyError::ClientIdle(_)
         )
     }
 
     /// Whether the proxy should still read an unread request body for the record: not one it
-    /// refused for its size.
+    /// refused for its size, nor one whose client stopped sending it.
     pub fn reads_request_body(&self) -> bool {
-        !matches!(self, ProxyError::PayloadTooLarge(_))
+        !matches!(
+            self,
+            ProxyError::PayloadTooLarge(_) | ProxyError::ClientIdle(_)
+        )
     }
 
     /// The answer the client receives: the status and a small JSON body.

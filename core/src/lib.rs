@@ -4,6 +4,7 @@
 //! - [`server`]: listeners, TLS termination, graceful drain;
 //! - [`penalty`]: connections from peers that abused HTTP/2 wait before they are served;
 //! - [`proxy`]: a request's life as named phases;
+//! - [`progress`]: an exchange's progress, and the body idle timeout that ends a stalled one;
 //! - [`upstream`]: the pooled client to the scoring endpoint;
 //! - [`headers`]: hop-by-hop, forwarding, `via` and correlation-id rules;
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
@@ -30,6 +31,7 @@ pub mod headers;
 pub mod metrics;
 pub mod modeldata;
 pub mod penalty;
+pub mod progress;
 pub mod proxy;
 pub mod query;
 pub mod record;

@@ -72,11 +72,13 @@ pub enum UpstreamResult {
 
 const UPSTREAM_RESULTS: [&str; 4] = ["ok", "connect_error", "timeout", "error"];
 /// The proxy's error kinds (`kind` label), as [`crate::ProxyError::kind`] names them.
-pub const PROXY_ERROR_KINDS: [&str; 6] = [
+pub const PROXY_ERROR_KINDS: [&str; 8] = [
     "bad_request",
+    "client_idle_timeout",
     "upstream_connect_failed",
     "upstream_connect_timeout",
     "upstream_timeout",
+    "upstream_idle_timeout",
     "upstream_error",
     "proxy_error",
 ];

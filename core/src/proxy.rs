@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -33,12 +33,13 @@ use crate::headers::{
     ForwardingPolicy, HeadViolation, X_REQUEST_ID,
 };
 use crate::metrics::{Metrics, UpstreamResult};
+use crate::progress::{ClientStall, ExchangeProgress, IdleLimitedBody, ProgressBody};
 use crate::returnable::ReturnableBody;
 use crate::tee::{BodyMeter, TeeBody};
 use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
 
 /// The body of every response scoretap sends: the answer, teed to capture.
-pub type DownstreamBody = TeeBody<ResponseBody>;
+pub type DownstreamBody = TeeBody<IdleLimitedBody<ResponseBody>>;
 
 /// The default `max_request_body_bytes`: 1 GiB. scoretap streams bodies and holds none of them,
 /// so the limit protects the upstream (scoring servers commonly read a whole body into memory),
@@ -122,6 +123,11 @@ impl Proxy {
         &self.upstream
     }
 
+    /// How long an exchange may go without a body byte either way.
+    pub fn body_idle_timeout(&self) -> Duration {
+        self.upstream.body_idle_timeout()
+    }
+
     /// Handles one request from start to finish. Never fails: errors become answers. When the
     /// exchange is captured, both bodies go through a tee and the exchange is recorded when the
     /// response body ends (or the client goes away).
@@ -134,12 +140,23 @@ impl Proxy {
         let correlation_id = correlation_id(request.headers());
         let method = request.method().clone();
         let client_version = request.version();
+        let client_stall = request.extensions().get::<ClientStall>().cloned();
+        // RFC 9110 §10.1.1: "A server that receives a 100-continue expectation in an HTTP/1.1
+        // request [...] MAY omit sending a 100 (Continue) response if it has already received
+        // some or all of the content for the corresponding request, or if the framing indicates
+        // that there is no content." The client waits for a 100 before it uploads: only the
+        // upstream asks for the body (hyper sends the 100 when the body is first read).
+        let expects_continue = request
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let exchange = self
             .capture
             .as_ref()
             .and_then(|capture| capture.begin(&request, &correlation_id));
         let request_meter = Some(BodyMeter::request(self.metrics.clone()));
         let body_limit = BodyLimit::new(self.settings.max_request_body_bytes);
+        let progress = ExchangeProgress::new();
         let request = request.map(|body| LimitedBody::new(body, body_limit.clone()));
         let (request, returned_body) = match &exchange {
             Some(exchange) => {
@@ -147,16 +164,29 @@ impl Proxy {
                 let (parts, body) = request.into_parts();
                 let (body, returned) =
                     ReturnableBody::returnable(TeeBody::new(body, Some(tap), request_meter));
-                (Request::from_parts(parts, body), Some(returned))
+                (
+                    Request::from_parts(parts, ProgressBody::new(body, progress.clone())),
+                    Some(returned),
+                )
             }
             None => (
-                request
-                    .map(|body| ReturnableBody::forwarded(TeeBody::new(body, None, request_meter))),
+                request.map(|body| {
+                    ProgressBody::new(
+                        ReturnableBody::forwarded(TeeBody::new(body, None, request_meter)),
+                        progress.clone(),
+                    )
+                }),
                 None,
             ),
         };
         let result = self
-            .forward(downstream, request, &correlation_id, client_version)
+            .forward(
+                downstream,
+                request,
+                &correlation_id,
+                client_version,
+                &progress,
+            )
             .await;
         let result = match result {
             // The upstream request failed because the proxy cut the body at the limit.
@@ -164,9 +194,12 @@ impl Proxy {
             result => result,
         };
         if let Err(error) = &result {
-            if let Some(returned) = returned_body.filter(|_| error.reads_request_body()) {
-                // The upstream never read the body: read it now so the record keeps the input.
-                returned.drain().await;
+            if let Some(returned) =
+                returned_body.filter(|_| error.reads_request_body() && !expects_continue)
+            {
+                // The upstream never read the body: read it for the record after the answer
+                // is on its way (it goes through the tee, so within the capture budget).
+                tokio::spawn(returned.drain());
             }
         }
         let (response, outcome, error) = match result {
@@ -195,10 +228,23 @@ impl Proxy {
             }
         };
         self.finish(&method, &response, &correlation_id, started);
-        let response_tap = exchange.map(|exchange| exchange.respond(&response, outcome, error));
+        let body_idle_timeout = self.body_idle_timeout();
+        let response_tap = exchange.map(|exchange| {
+            let tap = exchange.respond(&response, outcome, error);
+            match client_stall {
+                Some(stall) => tap.with_client_stall(stall, body_idle_timeout),
+                None => tap,
+            }
+        });
         let response_meter =
             BodyMeter::response(self.metrics.clone(), &method, response.status(), started);
-        response.map(|body| TeeBody::new(body, response_tap, Some(response_meter)))
+        response.map(|body| {
+            TeeBody::new(
+                IdleLimitedBody::new(body, progress, body_idle_timeout),
+                response_tap,
+                Some(response_meter),
+            )
+        })
     }
 
     async fn forward(
@@ -207,6 +253,7 @@ impl Proxy {
         mut request: Request<UpstreamRequestBody>,
         correlation_id: &HeaderValue,
         client_version: Version,
+        progress: &ExchangeProgress,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let checked = self.check_request(&mut request)?;
         let upstream_request = self.upstream_request(
@@ -217,18 +264,23 @@ impl Proxy {
             checked.upgrade.is_some(),
         )?;
         let sent = Instant::now();
-        let result = self.upstream.send(upstream_request).await;
-        self.metrics.upstream_finished(
-            match &result {
-                Ok(_) => UpstreamResult::Ok,
-                Err(ProxyError::UpstreamConnect(_)) => UpstreamResult::ConnectError,
-                Err(ProxyError::UpstreamConnectTimeout(_) | ProxyError::UpstreamTimeout(_)) => {
-                    UpstreamResult::Timeout
-                }
-                Err(_) => UpstreamResult::Error,
-            },
-            sent.elapsed().as_secs_f64(),
-        );
+        let result = self.upstream.send(upstream_request, progress).await;
+        let upstream_result = match &result {
+            Ok(_) => Some(UpstreamResult::Ok),
+            Err(ProxyError::UpstreamConnect(_)) => Some(UpstreamResult::ConnectError),
+            Err(
+                ProxyError::UpstreamConnectTimeout(_)
+                | ProxyError::UpstreamTimeout(_)
+                | ProxyError::UpstreamIdle(_),
+            ) => Some(UpstreamResult::Timeout),
+            // The client stopped sending: the upstream did nothing wrong.
+            Err(ProxyError::ClientIdle(_)) => None,
+            Err(_) => Some(UpstreamResult::Error),
+        };
+        if let Some(upstream_result) = upstream_result {
+            self.metrics
+                .upstream_finished(upstream_result, sent.elapsed().as_secs_f64());
+        }
         let response = result?;
         self.downstream_response(response, correlation_id, client_version, checked.upgrade)
     }

@@ -52,6 +52,12 @@ pub enum BodyEnd {
     Error(String),
     /// The body was dropped before its end (client gone, upstream answered early).
     Cancelled,
+    /// No byte crossed either way for the body idle timeout: the exchange was ended, and the
+    /// side it was waiting for is named.
+    Idle {
+        waiting_for: crate::progress::Side,
+        after: std::time::Duration,
+    },
 }
 
 /// The request half of an exchange, known when it starts.

@@ -27,6 +27,7 @@ use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
 use crate::headers::Downstream;
 use crate::metrics::Metrics;
 use crate::penalty::{AbusePenalty, Admission};
+use crate::progress::ClientStall;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{ReloadableServerConfig, ServerCertificateFiles, TlsError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
@@ -493,18 +494,28 @@ impl Connection {
             idle: self.limits.idle_timeout,
             cancelled_streams: CancelAllowance::for_streams(self.limits.max_concurrent_streams),
         });
-        let io = GuardedIo::new(stream, guard.clone(), slot, self.limits.max_header_bytes);
+        let client_stall = ClientStall::default();
+        let io = GuardedIo::new(
+            stream,
+            guard.clone(),
+            slot,
+            self.limits.max_header_bytes,
+            self.proxy.body_idle_timeout(),
+            client_stall.clone(),
+        );
         let service = {
             let guard = guard.clone();
             let proxy = self.proxy.clone();
             service_fn(move |request: Request<Incoming>| {
                 let proxy = proxy.clone();
                 let (in_flight, violation) = guard.request_started();
+                let client_stall = client_stall.clone();
                 async move {
                     let mut request = request;
                     if let Some(violation) = violation {
                         request.extensions_mut().insert(violation);
                     }
+                    request.extensions_mut().insert(client_stall);
                     let response = proxy.handle(downstream, request).await;
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         in_flight.upgraded();

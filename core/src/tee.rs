@@ -19,7 +19,34 @@ use std::sync::Arc;
 use http::StatusCode;
 
 use crate::metrics::{method_index, Metrics};
+use crate::progress::{ClientStall, ResponseBodyError};
 use crate::ring::{BodyEnd, CaptureEvent, Direction, ExchangeId, Ring};
+
+/// How a body's error is told to the collector.
+pub trait BodyErrorEnd: std::fmt::Display {
+    /// The end recorded for a body that failed with this error.
+    fn body_end(&self) -> BodyEnd {
+        BodyEnd::Error(self.to_string())
+    }
+}
+
+impl BodyErrorEnd for hyper::Error {}
+
+impl BodyErrorEnd for std::convert::Infallible {}
+
+impl BodyErrorEnd for crate::error::RequestBodyError {}
+
+impl BodyErrorEnd for ResponseBodyError {
+    fn body_end(&self) -> BodyEnd {
+        match self {
+            ResponseBodyError::Idle { waiting_for, after } => BodyEnd::Idle {
+                waiting_for: *waiting_for,
+                after: *after,
+            },
+            ResponseBodyError::Upstream(error) => BodyEnd::Error(error.to_string()),
+        }
+    }
+}
 
 /// The capturing side of a tee: where the frames go, and what has been seen.
 #[derive(Debug)]
@@ -35,6 +62,10 @@ pub struct BodyTap {
     lost: bool,
     maximum_bytes: u64,
     finished: bool,
+    /// The client connection's stall flag: a body dropped because its client stopped reading
+    /// is recorded as such, not as a cancellation.
+    client_stall: Option<ClientStall>,
+    idle_after: std::time::Duration,
 }
 
 impl BodyTap {
@@ -56,7 +87,17 @@ impl BodyTap {
             lost: false,
             maximum_bytes,
             finished: false,
+            client_stall: None,
+            idle_after: std::time::Duration::ZERO,
         }
+    }
+
+    /// Records a body dropped after `stall` was marked as ended by a client that stopped
+    /// reading for `after` (the body idle timeout).
+    pub fn with_client_stall(mut self, stall: ClientStall, after: std::time::Duration) -> Self {
+        self.client_stall = Some(stall);
+        self.idle_after = after;
+        self
     }
 
     fn on_data(&mut self, data: &Bytes) {
@@ -100,7 +141,14 @@ impl BodyTap {
 
 impl Drop for BodyTap {
     fn drop(&mut self) {
-        self.finish(BodyEnd::Cancelled);
+        let end = match &self.client_stall {
+            Some(stall) if stall.is_marked() => BodyEnd::Idle {
+                waiting_for: crate::progress::Side::Client,
+                after: self.idle_after,
+            },
+            _ => BodyEnd::Cancelled,
+        };
+        self.finish(end);
     }
 }
 
@@ -211,7 +259,7 @@ impl<B: Body> TeeBody<B> {
 impl<B> Body for TeeBody<B>
 where
     B: Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
+    B::Error: BodyErrorEnd,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -252,7 +300,7 @@ where
                         Some(trailers) => BodyEnd::Trailers(trailers.clone()),
                         None => BodyEnd::Complete,
                     },
-                    Poll::Ready(Some(Err(error))) => BodyEnd::Error(error.to_string()),
+                    Poll::Ready(Some(Err(error))) => error.body_end(),
                     _ => BodyEnd::Complete,
                 });
             }

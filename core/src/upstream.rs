@@ -1,7 +1,9 @@
 //! The upstream client: one scoring endpoint, reached over HTTP/1.1 or HTTP/2, plain or TLS,
 //! through a pool of kept-alive connections.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -9,17 +11,19 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::{error_chain, is_timeout, ProxyError};
+use crate::progress::{ExchangeProgress, Side, WriteStall};
 use crate::tls::{upstream_client_config, TlsError};
 
 /// The body type sent upstream: the client's body, cut at the body limit, forwarded as it
 /// arrives through the tee, and handed back to the proxy if the upstream never reads it.
-pub type UpstreamRequestBody =
-    crate::returnable::ReturnableBody<crate::tee::TeeBody<crate::proxy::LimitedBody<Incoming>>>;
+pub type UpstreamRequestBody = crate::progress::ProgressBody<
+    crate::returnable::ReturnableBody<crate::tee::TeeBody<crate::proxy::LimitedBody<Incoming>>>,
+>;
 
 /// The HTTP version spoken to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -41,12 +45,16 @@ pub struct UpstreamSettings {
     /// An extra PEM CA bundle trusted besides the system's roots.
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
-    /// How long to wait for the upstream's response headers.
+    /// How long to wait for the upstream's response headers once the request body has been
+    /// sent whole.
     pub response_header_timeout: Duration,
     /// Idle pooled connections are closed after this long (keep it below the upstream's own
     /// keep-alive timeout, so the proxy never reuses a connection the upstream is closing).
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// No body byte either way on an exchange for this long ends it, naming the side that
+    /// stalled ([`crate::progress`]); a write to the upstream pending this long fails.
+    pub body_idle_timeout: Duration,
 }
 
 /// Errors building the upstream client.
@@ -61,27 +69,108 @@ pub enum UpstreamError {
 /// A connector that always dials the configured upstream, whatever authority a request's URI
 /// names. The URI's authority only becomes `:authority`/`host` and the pool key, so a client's
 /// `Host` can be forwarded (`--preserve-host`) without ever choosing where the proxy connects.
+/// Its connections fail a write the upstream leaves pending for the body idle timeout.
 #[derive(Debug, Clone)]
 struct FixedTarget<C> {
     inner: C,
     target: Uri,
+    body_idle_timeout: Duration,
 }
 
-impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedTarget<C> {
-    type Response = C::Response;
+impl<C> tower_service::Service<Uri> for FixedTarget<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = UpstreamIo<C::Response>;
     type Error = C::Error;
-    type Future = C::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, C::Error>> + Send>>;
 
     fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(context)
     }
 
     fn call(&mut self, _requested: Uri) -> Self::Future {
-        self.inner.call(self.target.clone())
+        let connecting = self.inner.call(self.target.clone());
+        let body_idle_timeout = self.body_idle_timeout;
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(UpstreamIo {
+                inner: io,
+                write_stall: WriteStall::new(body_idle_timeout, Side::Upstream),
+            })
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection to the upstream: unchanged, but a write the upstream leaves pending for the
+    /// body idle timeout (it stopped reading the request body) fails, which closes the
+    /// connection and ends the request body's capture.
+    #[derive(Debug)]
+    pub struct UpstreamIo<S> {
+        #[pin]
+        inner: S,
+        write_stall: WriteStall,
+    }
+}
+
+impl<S: Connection> Connection for UpstreamIo<S> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+impl<S: hyper::rt::Read> hyper::rt::Read for UpstreamIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(context, buffer)
+    }
+}
+
+impl<S: hyper::rt::Write> hyper::rt::Write for UpstreamIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(context, data);
+        this.write_stall.limit(polled, context)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(context, buffers);
+        this.write_stall.limit(polled, context)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let polled = this.inner.poll_flush(context);
+        this.write_stall.limit(polled, context)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(context)
     }
 }
 
 type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
+
+/// The default body idle timeout: as long as the default wait for response headers.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The most an upstream HTTP/1.1 connection buffers, each way (hyper's minimum is 8 KiB): the
 /// request body frames queued for writing, and the response head (nginx's `proxy_buffer_size`
@@ -101,6 +190,7 @@ pub struct Upstream {
     protocol: UpstreamProtocol,
     response_header_timeout: Duration,
     connect_timeout: Duration,
+    body_idle_timeout: Duration,
 }
 
 impl Upstream {
@@ -136,6 +226,7 @@ impl Upstream {
                 parts
             })
             .map_err(|_| invalid())?,
+            body_idle_timeout: settings.body_idle_timeout,
         };
 
         let mut client = Client::builder(TokioExecutor::new());
@@ -165,7 +256,13 @@ impl Upstream {
             protocol: settings.protocol,
             response_header_timeout: settings.response_header_timeout,
             connect_timeout: settings.connect_timeout,
+            body_idle_timeout: settings.body_idle_timeout,
         })
+    }
+
+    /// How long an exchange may go without a body byte either way ([`crate::progress`]).
+    pub fn body_idle_timeout(&self) -> Duration {
+        self.body_idle_timeout
     }
 
     /// The protocol spoken to the upstream.
@@ -209,14 +306,37 @@ impl Upstream {
             .map_err(|error| ProxyError::Internal(error.to_string()))
     }
 
-    /// Sends a request upstream and waits for the response headers, up to the response-header
-    /// timeout. The body streams afterwards.
+    /// Sends a request upstream and waits for the response headers.
+    ///
+    /// While the request body uploads, only the body idle timeout applies: a client that stops
+    /// sending gets 408 ([`ProxyError::ClientIdle`]), an upstream that stops reading makes a 504
+    /// ([`ProxyError::UpstreamIdle`]); however long a steady upload takes, it is never cut. The
+    /// response-header timeout starts once the body has been sent whole, and an upstream that
+    /// answers before that (an early error, a streaming answer) is answered at once.
     pub async fn send(
         &self,
         request: Request<UpstreamRequestBody>,
+        progress: &ExchangeProgress,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.response_header_timeout, self.client.request(request)).await
-        {
+        let body_idle_timeout = self.body_idle_timeout;
+        let response = self.client.request(request);
+        tokio::pin!(response);
+        while !progress.request_sent() {
+            let idle_deadline = progress.idle_deadline(body_idle_timeout);
+            tokio::select! {
+                result = &mut response => return result.map_err(|error| self.classify(&error)),
+                () = progress.wait_request_sent() => {}
+                () = tokio::time::sleep_until(idle_deadline) => {
+                    if progress.idle_deadline(body_idle_timeout) <= tokio::time::Instant::now() {
+                        return Err(match progress.stalled_side() {
+                            Side::Client => ProxyError::ClientIdle(body_idle_timeout),
+                            Side::Upstream => ProxyError::UpstreamIdle(body_idle_timeout),
+                        });
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(self.response_header_timeout, response).await {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.response_header_timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(self.classify(&error)),
@@ -231,6 +351,9 @@ impl Upstream {
             } else {
                 ProxyError::UpstreamConnect(message)
             }
+        } else if is_timeout(error) {
+            // The connection's write stall limit: the upstream stopped reading.
+            ProxyError::UpstreamIdle(self.body_idle_timeout)
         } else {
             ProxyError::Upstream(message)
         }
@@ -272,6 +395,7 @@ mod tests {
             response_header_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_host: 8,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 

@@ -31,7 +31,7 @@ use scoretap_core::ring::{
 };
 use scoretap_core::sink::TraceSink;
 use scoretap_core::storage::staging::StagingError;
-use scoretap_core::tee::{BodyTap, TeeBody};
+use scoretap_core::tee::{BodyErrorEnd, BodyTap, TeeBody};
 use scoretap_fuzz::{arbitrary, body, hex, Unstructured};
 use serde_json::Value;
 
@@ -60,6 +60,8 @@ impl fmt::Display for BodyError {
         formatter.write_str("reset by peer")
     }
 }
+
+impl BodyErrorEnd for BodyError {}
 
 /// A body of prepared frames, ending with trailers or an error when asked.
 #[derive(Debug)]

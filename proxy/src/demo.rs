@@ -20,7 +20,7 @@ use scoretap_core::proxy::ProxySettings;
 use scoretap_core::query::{query_directory, TraceQuery};
 use scoretap_core::redaction::Redaction;
 use scoretap_core::sink::StoreLocation;
-use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
+use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings, DEFAULT_BODY_IDLE_TIMEOUT};
 use scoretap_core::{BoundServer, ServerSettings};
 use tokio::net::TcpListener;
 
@@ -213,6 +213,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             response_header_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle_per_host: 8,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
         },
         proxy: ProxySettings {
             service: "demo-model".into(),

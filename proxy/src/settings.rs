@@ -27,7 +27,7 @@ use scoretap_core::storage::modeldata::ModeldataSettings;
 use scoretap_core::storage::remote::{sanitize, RemoteOptions};
 use scoretap_core::storage::uploader::UploaderSettings;
 use scoretap_core::tls::ServerCertificateFiles;
-use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings};
+use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings, DEFAULT_BODY_IDLE_TIMEOUT};
 use scoretap_core::ServerSettings;
 use serde::{Deserialize, Serialize};
 
@@ -78,9 +78,12 @@ pub struct RunArgs {
     /// Timeout to connect to the upstream [default: 5s]
     #[arg(long, env = "SCORETAP_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub connect_timeout: Option<Duration>,
-    /// Timeout for the upstream's response headers; past it the client gets a 504 [default: 60s]
+    /// Timeout for the upstream's response headers, from when the request body has been sent whole; past it the client gets a 504 [default: 60s]
     #[arg(long, env = "SCORETAP_UPSTREAM_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub upstream_timeout: Option<Duration>,
+    /// No body byte either way on an exchange for this long ends it: a client that stops sending its body gets 408, an upstream that stops reading or sending makes a 504 or a cut response, a client that stops reading is disconnected [default: 60s]
+    #[arg(long, env = "SCORETAP_BODY_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub body_idle_timeout: Option<Duration>,
     /// Idle pooled upstream connections close after this; below the keep-alive of common scoring servers (gunicorn: 2s) [default: 1500ms]
     #[arg(long, env = "SCORETAP_POOL_IDLE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub pool_idle_timeout: Option<Duration>,
@@ -289,6 +292,7 @@ struct FileSettings {
     upstream_protocol: Option<String>,
     connect_timeout: Option<String>,
     upstream_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
@@ -373,6 +377,8 @@ pub struct RunSettings {
     pub connect_timeout: Duration,
     #[serde(serialize_with = "serialize_duration")]
     pub upstream_timeout: Duration,
+    #[serde(serialize_with = "serialize_duration")]
+    pub body_idle_timeout: Duration,
     #[serde(serialize_with = "serialize_duration")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
@@ -542,6 +548,12 @@ impl RunArgs {
             p,
             "upstream-timeout",
             file.upstream_timeout,
+            parse_duration,
+        )?);
+        self.body_idle_timeout = self.body_idle_timeout.or(from_file(
+            p,
+            "body-idle-timeout",
+            file.body_idle_timeout,
             parse_duration,
         )?);
         self.pool_idle_timeout = self.pool_idle_timeout.or(from_file(
@@ -832,6 +844,7 @@ impl RunArgs {
             upstream_protocol: args.upstream_protocol.unwrap_or_default(),
             connect_timeout: args.connect_timeout.unwrap_or(Duration::from_secs(5)),
             upstream_timeout: args.upstream_timeout.unwrap_or(Duration::from_secs(60)),
+            body_idle_timeout: args.body_idle_timeout.unwrap_or(DEFAULT_BODY_IDLE_TIMEOUT),
             pool_idle_timeout: args
                 .pool_idle_timeout
                 .unwrap_or(Duration::from_millis(1500)),
@@ -937,6 +950,7 @@ impl RunSettings {
                 response_header_timeout: self.upstream_timeout,
                 pool_idle_timeout: self.pool_idle_timeout,
                 pool_max_idle_per_host: self.pool_max_idle,
+                body_idle_timeout: self.body_idle_timeout,
             },
             proxy: ProxySettings {
                 service: self.service.clone(),

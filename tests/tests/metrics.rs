@@ -33,11 +33,13 @@ const METHODS: [&str; 8] = [
 ];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const UPSTREAM_RESULTS: [&str; 4] = ["ok", "connect_error", "timeout", "error"];
-const PROXY_ERROR_KINDS: [&str; 6] = [
+const PROXY_ERROR_KINDS: [&str; 8] = [
     "bad_request",
+    "client_idle_timeout",
     "upstream_connect_failed",
     "upstream_connect_timeout",
     "upstream_timeout",
+    "upstream_idle_timeout",
     "upstream_error",
     "proxy_error",
 ];

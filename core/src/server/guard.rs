@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::framing::{FramingEvent, RequestFraming};
 use crate::headers::HeadViolation;
+use crate::progress::{ClientStall, Side, WriteStall};
 
 /// What the guard has learned the connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,7 +353,9 @@ impl<B: Body<Data = Bytes>> Body for GuardedBody<B> {
 }
 
 pin_project! {
-    /// A client connection's byte stream as hyper reads it: unchanged, followed by the guard.
+    /// A client connection's byte stream as hyper reads and writes it: unchanged, followed by
+    /// the guard. A write that stays pending for the body idle timeout (the client stopped
+    /// reading) fails, which ends the connection, and marks [`ClientStall`].
     #[derive(Debug)]
     pub(crate) struct GuardedIo<S> {
         #[pin]
@@ -361,6 +364,7 @@ pin_project! {
         guard: Arc<ConnectionGuard>,
         // The connection's slot of --max-connections, released with the connection.
         _slot: OwnedSemaphorePermit,
+        write_stall: WriteStall,
     }
 }
 
@@ -370,12 +374,15 @@ impl<S> GuardedIo<S> {
         guard: Arc<ConnectionGuard>,
         slot: OwnedSemaphorePermit,
         maximum_head_bytes: usize,
+        write_timeout: Duration,
+        client_stall: ClientStall,
     ) -> Self {
         Self {
             inner,
             framing: RequestFraming::new(maximum_head_bytes),
             guard,
             _slot: slot,
+            write_stall: WriteStall::new(write_timeout, Side::Client).marking(client_stall),
         }
     }
 }
@@ -407,7 +414,9 @@ impl<S: AsyncWrite> AsyncWrite for GuardedIo<S> {
         context: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(context, data)
+        let this = self.project();
+        let polled = this.inner.poll_write(context, data);
+        this.write_stall.limit(polled, context)
     }
 
     fn poll_write_vectored(
@@ -415,7 +424,9 @@ impl<S: AsyncWrite> AsyncWrite for GuardedIo<S> {
         context: &mut Context<'_>,
         buffers: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(context, buffers)
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(context, buffers);
+        this.write_stall.limit(polled, context)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -423,7 +434,9 @@ impl<S: AsyncWrite> AsyncWrite for GuardedIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(context)
+        let this = self.project();
+        let polled = this.inner.poll_flush(context);
+        this.write_stall.limit(polled, context)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
