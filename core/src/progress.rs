@@ -315,10 +315,39 @@ impl WriteStall {
                 }
                 Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    idle_message(self.waiting_for, timeout),
+                    WriteStalled {
+                        waiting_for: self.waiting_for,
+                        after: timeout,
+                    },
                 )))
             }
         }
+    }
+}
+
+/// The error of a write failed by [`WriteStall`] (inside an `io::Error` of kind `TimedOut`).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", idle_message(*.waiting_for, *.after))]
+pub struct WriteStalled {
+    pub waiting_for: Side,
+    pub after: Duration,
+}
+
+impl WriteStalled {
+    /// The stalled write somewhere in an error's source chain, if any.
+    pub fn find_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a WriteStalled> {
+        let mut current = Some(error);
+        while let Some(error) = current {
+            let stalled = error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<WriteStalled>());
+            if stalled.is_some() {
+                return stalled;
+            }
+            current = error.source();
+        }
+        None
     }
 }
 
@@ -363,6 +392,30 @@ mod tests {
         assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"input")));
         assert!(progress.request_sent());
         progress.wait_request_sent().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_pending_for_the_timeout_fails_and_marks_the_stall() {
+        let stalled = ClientStall::default();
+        let mut limit =
+            WriteStall::new(Duration::from_secs(60), Side::Client).marking(stalled.clone());
+        let polled = std::future::poll_fn(|context| {
+            Poll::Ready(limit.limit::<usize>(Poll::Pending, context))
+        })
+        .await;
+        assert!(polled.is_pending());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let polled = std::future::poll_fn(|context| {
+            Poll::Ready(limit.limit::<usize>(Poll::Pending, context))
+        })
+        .await;
+        let Poll::Ready(Err(error)) = polled else {
+            panic!("the write should have failed");
+        };
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        let found = WriteStalled::find_in(&error).expect("the stall is in the error");
+        assert_eq!(found.waiting_for, Side::Client);
+        assert!(stalled.is_marked());
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::{error_chain, is_timeout, ProxyError};
-use crate::progress::{ExchangeProgress, Side, WriteStall};
+use crate::progress::{ExchangeProgress, Side, WriteStall, WriteStalled};
 use crate::tls::{upstream_client_config, TlsError};
 
 /// The body type sent upstream: the client's body, cut at the body limit, forwarded as it
@@ -351,9 +351,9 @@ impl Upstream {
             } else {
                 ProxyError::UpstreamConnect(message)
             }
-        } else if is_timeout(error) {
+        } else if let Some(stalled) = WriteStalled::find_in(error) {
             // The connection's write stall limit: the upstream stopped reading.
-            ProxyError::UpstreamIdle(self.body_idle_timeout)
+            ProxyError::UpstreamIdle(stalled.after)
         } else {
             ProxyError::Upstream(message)
         }
