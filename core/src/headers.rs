@@ -71,6 +71,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Removes the `Content-Length` of a message that also has `Transfer-Encoding`, whose body is
+/// framed by the coding.
+///
+/// RFC 9112 §6.3: "If a message is received with both a Transfer-Encoding and a Content-Length
+/// header field, the Transfer-Encoding overrides the Content-Length. ... An intermediary that
+/// chooses to forward the message MUST first remove the received Content-Length field and
+/// process the Transfer-Encoding (as described below) prior to forwarding the message
+/// downstream." Forwarded as it came, the length would frame the body for the next recipient
+/// (hyper sends a body by its `content-length` field), cutting it there.
+pub fn remove_overridden_content_length(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
 /// Whether the message asks for a protocol upgrade (RFC 9110 §7.8): `connection: upgrade`
 /// together with an `upgrade` field, on HTTP/1.1.
 pub fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
@@ -476,5 +491,16 @@ mod tests {
         assert_eq!(headers["forwarded"], "for=\"[::1]\";proto=https;host=\"h\"");
         assert!(!headers.contains_key("x-forwarded-for"));
         assert_eq!(headers["via"], "2 scoretap");
+    }
+
+    #[test]
+    fn transfer_encoding_overrides_content_length() {
+        let mut headers = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        remove_overridden_content_length(&mut headers);
+        assert!(!headers.contains_key("content-length"));
+        assert_eq!(headers["transfer-encoding"], "chunked");
+        let mut headers = map(&[("content-length", "5")]);
+        remove_overridden_content_length(&mut headers);
+        assert_eq!(headers["content-length"], "5");
     }
 }

@@ -29,8 +29,8 @@ use crate::body::ResponseBody;
 use crate::capture::Capture;
 use crate::error::{ProxyError, RequestBodyError};
 use crate::headers::{
-    accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
-    ForwardingPolicy, HeadViolation, X_REQUEST_ID,
+    accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop,
+    remove_overridden_content_length, Downstream, ForwardingPolicy, HeadViolation, X_REQUEST_ID,
 };
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::returnable::ReturnableBody;
@@ -376,6 +376,9 @@ impl Proxy {
         }
         let upstream_version = response.version();
         let (mut parts, body) = response.into_parts();
+        // hyper's client decoded the body by its transfer coding; the length must not frame it
+        // toward the client.
+        remove_overridden_content_length(&mut parts.headers);
         remove_hop_by_hop(&mut parts.headers, switching);
         self.settings
             .forwarding
