@@ -327,6 +327,17 @@ impl Proxy {
             UpstreamProtocol::Http1 => {
                 let host = preserved_host.unwrap_or_else(|| self.upstream.host_header().clone());
                 headers.insert(header::HOST, host);
+                if is_of_unknown_length(&body) {
+                    // RFC 9110 §9.3.1: "Although request message framing is independent of the
+                    // method used, content received in a GET request has no generally defined
+                    // semantics". hyper's client chunks a body of unknown length by itself,
+                    // except for GET, HEAD and CONNECT, which it sends with no body at all (and
+                    // fails on the first byte) unless the request says it is chunked.
+                    headers.insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
+                }
                 if client_accepts_trailers {
                     headers.insert(header::TE, HeaderValue::from_static("trailers"));
                     if !upgrading {
@@ -404,6 +415,12 @@ impl Proxy {
             "response headers sent"
         );
     }
+}
+
+/// Whether a body is still to come with no known length: chunked from an HTTP/1.1 client, or
+/// DATA without `content-length` from an HTTP/2 client.
+fn is_of_unknown_length(body: &impl Body) -> bool {
+    !body.is_end_stream() && body.size_hint().exact().is_none()
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's.

@@ -4,7 +4,9 @@
 //! upgrade the upstream refused. Each test fails when its translation is wrong.
 #![allow(clippy::unwrap_used)]
 
-use scoretap_tests::raw::{chunk, request_bytes};
+use scoretap_tests::client::{channel_body, collect};
+use scoretap_tests::raw::{chunk, request_bytes, Framing, RawRequest};
+use scoretap_tests::traces::{inline_bytes, TraceStore};
 use scoretap_tests::*;
 
 /// The body the raw upstream sends chunked: 34 bytes.
@@ -68,5 +70,128 @@ async fn response_with_transfer_encoding_and_content_length_is_framed_by_the_cod
         Some("5"),
         "over HTTP/2: the overridden Content-Length was forwarded"
     );
+}
+
+/// The raw upstream's answer to every request: a small body (none for HEAD).
+fn ok_reply(request: &RawRequest) -> RawReply {
+    if request.head.method() == "HEAD" {
+        RawReply::bytes("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    } else {
+        RawReply::bytes("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    }
+}
+
+/// A GET or HEAD with a body reaches the upstream with that body: sent chunked by an HTTP/1.1
+/// client, as DATA without `content-length` by an HTTP/2 client, or with a `Content-Length`.
+/// hyper's client sends no body for a GET or HEAD whose length it does not know unless the
+/// request says `transfer-encoding: chunked`. The record keeps the request body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_head_bodies_reach_the_upstream() {
+    let up = RawUpstream::start(ok_reply).await;
+    let store = TraceStore::new();
+    let proxy = Scoretap::builder()
+        .upstream(&up.url())
+        .args(store.args())
+        .start()
+        .await;
+    let mut expected: Vec<(String, &str, Vec<u8>)> = Vec::new();
+
+    // HTTP/1.1, chunked.
+    for method in ["GET", "HEAD"] {
+        let id = format!("{}-chunked", method.to_ascii_lowercase());
+        let body = format!("a {method} body, sent chunked").into_bytes();
+        let mut request = request_bytes(
+            &format!("{method} /score?t={id} HTTP/1.1"),
+            &[
+                ("host", "h"),
+                ("x-request-id", &id),
+                ("transfer-encoding", "chunked"),
+            ],
+            b"",
+        );
+        request.extend(chunk(&body[..7]));
+        request.extend(chunk(&body[7..]));
+        request.extend_from_slice(b"0\r\n\r\n");
+        let mut conn = RawConn::connect(proxy.addr).await;
+        conn.send(&request).await;
+        let response = within(STEP, &id, conn.read_response(method == "HEAD")).await;
+        assert_eq!(response.status(), 200, "{id}: {}", response.body_str());
+        expected.push((id, method, body));
+    }
+
+    // HTTP/1.1, Content-Length.
+    let id = "get-length".to_string();
+    let body = b"a GET body with a Content-Length".to_vec();
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(&request_bytes(
+        &format!("GET /score?t={id} HTTP/1.1"),
+        &[
+            ("host", "h"),
+            ("x-request-id", &id),
+            ("content-length", &body.len().to_string()),
+        ],
+        &body,
+    ))
+    .await;
+    let response = within(STEP, &id, conn.read_response(false)).await;
+    assert_eq!(response.status(), 200, "{id}: {}", response.body_str());
+    expected.push((id, "GET", body));
+
+    // HTTP/2, DATA frames without content-length.
+    let mut h2 = Client::connect(proxy.addr, Proto::H2).await;
+    for method in ["GET", "HEAD"] {
+        let id = format!("{}-h2-data", method.to_ascii_lowercase());
+        let body = format!("a {method} body, sent as DATA").into_bytes();
+        let (sender, request_body) = channel_body();
+        let request = h2
+            .req(method, &format!("/score?t={id}"))
+            .header("x-request-id", &id)
+            .body(request_body)
+            .unwrap();
+        let feeding = {
+            let body = body.clone();
+            tokio::spawn(async move {
+                sender.data(body[..5].to_vec()).await;
+                sender.data(body[5..].to_vec()).await;
+            })
+        };
+        let response = within(STEP, &id, async {
+            collect(h2.send(request).await.unwrap()).await.unwrap()
+        })
+        .await;
+        feeding.await.unwrap();
+        assert_eq!(response.status, 200, "{id}: {}", response.text());
+        expected.push((id, method, body));
+    }
+
+    let requests = up.requests();
+    for (id, method, body) in &expected {
+        let seen = requests
+            .iter()
+            .find(|request| request.head.target().ends_with(&format!("t={id}")))
+            .unwrap_or_else(|| panic!("{id}: never reached the upstream"));
+        assert_eq!(seen.head.method(), *method, "{id}");
+        assert_eq!(
+            String::from_utf8_lossy(&seen.body),
+            String::from_utf8_lossy(body),
+            "{id}: the upstream received another body (framing {:?}, head {:?})",
+            seen.framing,
+            String::from_utf8_lossy(&seen.head.raw)
+        );
+        assert!(seen.complete, "{id}: incomplete at the upstream");
+        assert_ne!(seen.framing, Framing::None, "{id}");
+        let record = store.wait(id).await;
+        assert_eq!(
+            String::from_utf8_lossy(&inline_bytes(record.at("/request/body"))),
+            String::from_utf8_lossy(body),
+            "{id}: the record's request body; record {}",
+            record.brief()
+        );
+        assert_eq!(
+            record.u64_at("/request/body/size"),
+            Some(body.len() as u64),
+            "{id}"
+        );
+    }
 }
 
