@@ -6,6 +6,7 @@
 //! - [`proxy`]: a request's life as named phases;
 //! - [`upstream`]: the pooled client to the scoring endpoint;
 //! - [`headers`]: hop-by-hop, forwarding, `via` and correlation-id rules;
+//! - [`host`]: the `Host` grammar;
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
 //! - [`body`]: the response body type;
 //! - [`tls`]: certificates and trust;
@@ -27,6 +28,7 @@ pub mod capture;
 pub mod collector;
 pub mod error;
 pub mod headers;
+pub mod host;
 pub mod metrics;
 pub mod modeldata;
 pub mod penalty;

@@ -32,6 +32,7 @@ use crate::headers::{
     accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop,
     remove_overridden_content_length, Downstream, ForwardingPolicy, HeadViolation, X_REQUEST_ID,
 };
+use crate::host::is_valid_host;
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::returnable::ReturnableBody;
 use crate::tee::{BodyMeter, TeeBody};
@@ -274,10 +275,25 @@ impl Proxy {
             // invalid field value."
             return Err(ProxyError::bad_request("more than one Host header field"));
         }
+        if host
+            .as_ref()
+            .is_some_and(|host| !is_valid_host(host.as_bytes()))
+        {
+            // RFC 9112 §3.2, above: "... or a Host header field with an invalid field value."
+            return Err(ProxyError::bad_request(
+                "the Host header field is not a valid host",
+            ));
+        }
         // RFC 9112 §3.2.2: "When an origin server receives a request with an absolute-form of
         // request-target, the origin server MUST ignore the received Host header field (if any)
-        // and instead use the host information of the request-target."
+        // and instead use the host information of the request-target." HTTP/2's `:authority`
+        // arrives the same way; both follow the `Host` grammar.
         let client_host = match request.uri().authority() {
+            Some(authority) if !is_valid_host(authority.as_str().as_bytes()) => {
+                return Err(ProxyError::bad_request(
+                    "the request target's authority is not a valid host",
+                ));
+            }
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => host,
         };

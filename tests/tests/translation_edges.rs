@@ -4,7 +4,10 @@
 //! upgrade the upstream refused. Each test fails when its translation is wrong.
 #![allow(clippy::unwrap_used)]
 
-use scoretap_tests::client::{channel_body, collect};
+use std::time::Duration;
+
+use scoretap_tests::client::{channel_body, collect, empty, full};
+use scoretap_tests::harness::proxy_for;
 use scoretap_tests::raw::{chunk, request_bytes, Framing, RawRequest};
 use scoretap_tests::traces::{inline_bytes, TraceStore};
 use scoretap_tests::*;
@@ -193,5 +196,116 @@ async fn get_and_head_bodies_reach_the_upstream() {
             "{id}"
         );
     }
+}
+
+fn head(lines: &str) -> Vec<u8> {
+    lines.replace('|', "\r\n").into_bytes()
+}
+
+/// Sends one raw request on a fresh connection; its response.
+async fn exchange(proxy: &Scoretap, request: &[u8]) -> RawResponse {
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(request).await;
+    within(STEP, "response", conn.read_response(false)).await
+}
+
+/// A `Host` that is not `uri-host [ ":" port ]` (RFC 9110 §7.2) is refused with scoretap's 400
+/// and never reaches the upstream: pasted into `forwarded: host="..."` it could add a `for=`
+/// element of the client's choosing. A valid host is forwarded intact and quoted (RFC 7239 §4),
+/// also a registered name with `;` and `=` in it, and over HTTP/2 `:authority` follows the same
+/// rule (userinfo refused, RFC 9113 §8.3.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_host_is_validated_and_quoted() {
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(&up, &["--forwarded", "forwarded"]).await;
+    for (what, host) in [
+        ("a quote and a second element", "x\", for=6.6.6.6"),
+        ("a space", "a b"),
+        ("a non-numeric port", "h:1x"),
+        ("userinfo", "user@h"),
+        ("an unclosed IP literal", "[::1"),
+    ] {
+        let response = exchange(
+            &proxy,
+            &request_bytes("GET /headers?t=spoof HTTP/1.1", &[("host", host)], b""),
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            400,
+            "{what}: Host {host:?}: {}",
+            response.body_str()
+        );
+        assert_eq!(response.json()["error"], "bad_request", "{what}");
+    }
+    // An absolute-form target's authority is the host too.
+    let response = exchange(
+        &proxy,
+        &head("GET http://user@h/headers?t=spoof HTTP/1.1|Host: h||"),
+    )
+    .await;
+    assert_eq!(
+        response.status(),
+        400,
+        "userinfo in an absolute-form target"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        up.requests().len(),
+        0,
+        "a refused Host reached the upstream: {:?}",
+        up.requests()
+            .iter()
+            .map(|r| r.header_all("forwarded"))
+            .collect::<Vec<_>>()
+    );
+
+    for (host, quoted) in [
+        ("h:1", "host=\"h:1\""),
+        ("[::1]:8080", "host=\"[::1]:8080\""),
+        ("x;for=6.6.6.6", "host=\"x;for=6.6.6.6\""),
+    ] {
+        let response = exchange(
+            &proxy,
+            &request_bytes("GET /headers?t=valid HTTP/1.1", &[("host", host)], b""),
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            200,
+            "Host {host:?}: {}",
+            response.body_str()
+        );
+        let seen = up.requests().pop().unwrap();
+        let forwarded = seen.header_all("forwarded");
+        assert_eq!(
+            forwarded,
+            vec![format!("for=127.0.0.1;proto=http;{quoted}")],
+            "Host {host:?}"
+        );
+    }
+
+    let mut h2 = Client::connect(proxy.addr, Proto::H2).await;
+    let request = http::Request::get("http://x;for=6.6.6.6/headers?t=h2")
+        .version(http::Version::HTTP_2)
+        .body(empty())
+        .unwrap();
+    let response = h2.fetch(request, STEP).await;
+    assert_eq!(response.status, 200);
+    let seen = up.requests().pop().unwrap();
+    assert_eq!(
+        seen.header_all("forwarded"),
+        vec!["for=127.0.0.1;proto=http;host=\"x;for=6.6.6.6\"".to_string()],
+        ":authority"
+    );
+    let before = up.requests().len();
+    let request = http::Request::get("http://user@h/headers?t=h2-userinfo")
+        .version(http::Version::HTTP_2)
+        .body(full(""))
+        .unwrap();
+    let response = h2.fetch(request, STEP).await;
+    assert_eq!(response.status, 400, ":authority with userinfo");
+    assert_eq!(response.json()["error"], "bad_request");
+    assert_eq!(up.requests().len(), before, ":authority with userinfo");
 }
 
