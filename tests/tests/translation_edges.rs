@@ -4,7 +4,7 @@
 //! upgrade the upstream refused. Each test fails when its translation is wrong.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use scoretap_tests::client::{channel_body, collect, empty, full};
 use scoretap_tests::harness::proxy_for;
@@ -309,3 +309,114 @@ async fn forwarded_host_is_validated_and_quoted() {
     assert_eq!(up.requests().len(), before, ":authority with userinfo");
 }
 
+/// How long a connection may take to close once it should.
+const CLOSE_LIMIT: Duration = Duration::from_secs(3);
+
+/// The HTTP/1.1 request that asks for `Upgrade: h2c` (as `curl --http2` does on `http://`),
+/// answered without switching protocols.
+fn refused_upgrade() -> Vec<u8> {
+    head(
+        "GET /headers?t=upgrade HTTP/1.1|Host: h|Connection: Upgrade, HTTP2-Settings|Upgrade: h2c|HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA||",
+    )
+}
+
+/// After a request that asked for a protocol upgrade the upstream did not grant, the connection
+/// still carries HTTP/1.1 requests and is followed as such: a smuggling attempt on it is refused
+/// with scoretap's 400 (also when it was sent before the refusal came), and a slow head on it is
+/// closed after the header read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_leaves_the_connection_followed() {
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(
+        &up,
+        &["--header-read-timeout", "1s", "--idle-timeout", "30s"],
+    )
+    .await;
+    let smuggling = head(
+        "POST /sink?t=cl-te HTTP/1.1|Host: h|Content-Length: 35|Transfer-Encoding: chunked||0||GET /smuggled HTTP/1.1|Host: h||",
+    );
+
+    // The smuggling attempt after the refusal.
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(&refused_upgrade()).await;
+    let response = within(STEP, "upgrade request", conn.read_response(false)).await;
+    assert_eq!(response.status(), 200, "{}", response.body_str());
+    conn.send(&smuggling).await;
+    let refused = within(
+        STEP,
+        "smuggling after the upgrade",
+        conn.try_read_response(false),
+    )
+    .await
+    .expect("the connection closed without an answer");
+    assert_eq!(refused.status(), 400, "{}", refused.body_str());
+    assert_eq!(refused.json()["error"], "bad_request");
+    assert!(conn.closed_within(CLOSE_LIMIT).await);
+
+    // The same attempt pipelined behind the upgrade request, before its answer.
+    let mut conn = RawConn::connect(proxy.addr).await;
+    let mut pipelined = refused_upgrade();
+    pipelined.extend_from_slice(&smuggling);
+    conn.send(&pipelined).await;
+    let response = within(STEP, "upgrade request", conn.read_response(false)).await;
+    assert_eq!(response.status(), 200, "{}", response.body_str());
+    let refused = within(STEP, "pipelined smuggling", conn.try_read_response(false))
+        .await
+        .expect("the connection closed without an answer");
+    assert_eq!(refused.status(), 400, "{}", refused.body_str());
+    assert_eq!(refused.json()["error"], "bad_request");
+    assert!(conn.closed_within(CLOSE_LIMIT).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let paths: Vec<String> = up.requests().iter().map(|r| r.path_and_query()).collect();
+    assert_eq!(
+        paths,
+        ["/headers?t=upgrade", "/headers?t=upgrade"],
+        "only the upgrade requests reach the upstream"
+    );
+
+    // A slow head after the refusal.
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(&refused_upgrade()).await;
+    let response = within(STEP, "upgrade request", conn.read_response(false)).await;
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    let slow = b"GET /headers?t=slow HTTP/1.1\r\nHost: h\r\nX-Endless: ";
+    let mut closed_after = None;
+    for byte in slow.iter().chain(std::iter::repeat(&b'a')) {
+        if started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        if conn.try_send(&[*byte]).await.is_err()
+            || conn.closed_within(Duration::from_millis(50)).await
+        {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_after =
+        closed_after.expect("a slow head after a refused upgrade kept its connection past 5s");
+    assert!(
+        (Duration::from_millis(800)..Duration::from_millis(2500)).contains(&closed_after),
+        "slow head closed after {closed_after:?}, expected about 1s"
+    );
+}
+
+/// A granted upgrade still switches the connection: the upgraded bytes flow both ways and are
+/// not taken for requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_upgrade_still_tunnels() {
+    let up = TestUpstream::start_proto(UpstreamProto::H1).await;
+    let proxy = proxy_for(&up, &["--header-read-timeout", "1s"]).await;
+    let mut conn = RawConn::connect(proxy.addr).await;
+    conn.send(&head(
+        "GET /upgrade HTTP/1.1|Host: h|Connection: Upgrade|Upgrade: websocket|Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==|Sec-WebSocket-Version: 13||",
+    ))
+    .await;
+    let response = within(STEP, "upgrade", conn.read_head()).await.unwrap();
+    assert_eq!(response.status(), 101, "{:?}", response.start_line);
+    // Bytes that would be a bare-LF head on HTTP/1.1 are tunnel data here.
+    let data = b"GET / HTTP/1.1\nX: y\n\n";
+    conn.send(data).await;
+    let echoed = within(STEP, "tunnel echo", conn.read_exact(data.len())).await;
+    assert_eq!(&echoed[..], data);
+}
