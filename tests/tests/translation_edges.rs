@@ -309,6 +309,44 @@ async fn forwarded_host_is_validated_and_quoted() {
     assert_eq!(up.requests().len(), before, ":authority with userinfo");
 }
 
+/// With `--preserve-host` and an HTTP/2 upstream, requests for many client hosts share one
+/// upstream connection: the pool is keyed by the upstream, while each request's `:authority`
+/// is still the client's host. The shared connection still closes after `--pool-idle-timeout`,
+/// and the next request opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserved_hosts_share_one_http2_upstream_connection() {
+    let up = TestUpstream::start_proto(UpstreamProto::H2).await;
+    let proxy = proxy_for(&up, &["--preserve-host", "--pool-idle-timeout", "500ms"]).await;
+    let mut client = Client::connect(proxy.addr, Proto::H1).await;
+    for n in 0..20 {
+        let host = format!("tenant-{n}.example:8443");
+        let request = http::Request::get(format!("/headers?t=host-{n}"))
+            .header("host", &host)
+            .body(empty())
+            .unwrap();
+        let response = client.fetch(request, STEP).await;
+        assert_eq!(response.status, 200, "{host}: {}", response.text());
+        let seen = up.wait_path(&format!("t=host-{n}")).await;
+        assert_eq!(
+            seen.authority().as_deref(),
+            Some(host.as_str()),
+            ":authority"
+        );
+    }
+    assert_eq!(
+        up.accepted_connections(),
+        1,
+        "the upstream accepted a connection per client host"
+    );
+    assert!(
+        util::eventually(Duration::from_secs(3), || up.open_connections() == 0).await,
+        "the idle HTTP/2 upstream connection was not closed (--pool-idle-timeout 500ms)"
+    );
+    let response = client.get("/headers?t=after-idle").await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(up.accepted_connections(), 2);
+}
+
 /// How long a connection may take to close once it should.
 const CLOSE_LIMIT: Duration = Duration::from_secs(3);
 
