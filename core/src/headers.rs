@@ -1,6 +1,7 @@
 //! Header rules of a transparent proxy: hop-by-hop removal, forwarding headers, `via`, and the
 //! correlation id.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -68,6 +69,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if let Some(upgrade) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+/// Removes the `Content-Length` of a message that also has `Transfer-Encoding`, whose body is
+/// framed by the coding.
+///
+/// RFC 9112 §6.3: "If a message is received with both a Transfer-Encoding and a Content-Length
+/// header field, the Transfer-Encoding overrides the Content-Length. ... An intermediary that
+/// chooses to forward the message MUST first remove the received Content-Length field and
+/// process the Transfer-Encoding (as described below) prior to forwarding the message
+/// downstream." Forwarded as it came, the length would frame the body for the next recipient
+/// (hyper sends a body by its `content-length` field), cutting it there.
+pub fn remove_overridden_content_length(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 
@@ -261,13 +277,12 @@ impl ForwardingPolicy {
                 let trusted = self.trusts(downstream.peer);
                 let node = match downstream.peer {
                     IpAddr::V4(v4) => v4.to_string(),
-                    IpAddr::V6(v6) => format!("\"[{v6}]\""),
+                    IpAddr::V6(v6) => format!("[{v6}]"),
                 };
-                let mut element = format!("for={node};proto={scheme}");
+                let mut element = format!("for={};proto={scheme}", forwarded_value(&node));
                 if let Some(host) = original_host.and_then(|host| host.to_str().ok()) {
-                    element.push_str(";host=\"");
-                    element.push_str(host);
-                    element.push('"');
+                    element.push_str(";host=");
+                    element.push_str(&forwarded_value(host));
                 }
                 let chain = if trusted {
                     joined_values(headers, &header::FORWARDED)
@@ -309,6 +324,32 @@ impl ForwardingPolicy {
         };
         set_text(headers, header::VIA, &value);
     }
+}
+
+/// A `forwarded` parameter value as RFC 7239 §4 writes it: `value = token / quoted-string`. A
+/// value that is not a token is a quoted-string, with `"` and `\` escaped as quoted-pairs (RFC
+/// 9110 §5.6.4: "The backslash octet ("\") can be used as a single-octet quoting mechanism
+/// within quoted-string"), so that no value can end its string early and add parameters or
+/// elements of its own.
+fn forwarded_value(value: &str) -> Cow<'_, str> {
+    if !value.is_empty() && value.bytes().all(is_token_char) {
+        return Cow::Borrowed(value);
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for character in value.chars() {
+        if matches!(character, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(character);
+    }
+    quoted.push('"');
+    Cow::Owned(quoted)
+}
+
+/// `tchar` (RFC 9110 §5.6.2).
+fn is_token_char(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 /// All lines of a field joined with `, ` (RFC 9110 §5.3), or `None` when absent.
@@ -473,8 +514,63 @@ mod tests {
             Some(&HeaderValue::from_static("h")),
         );
         policy.add_via(&mut headers, Version::HTTP_2);
-        assert_eq!(headers["forwarded"], "for=\"[::1]\";proto=https;host=\"h\"");
+        assert_eq!(headers["forwarded"], "for=\"[::1]\";proto=https;host=h");
         assert!(!headers.contains_key("x-forwarded-for"));
         assert_eq!(headers["via"], "2 scoretap");
+    }
+
+    #[test]
+    fn forwarded_values_that_are_not_tokens_are_quoted_strings() {
+        assert_eq!(forwarded_value("h"), "h");
+        assert_eq!(forwarded_value("10.0.0.7"), "10.0.0.7");
+        assert_eq!(forwarded_value("h:1"), "\"h:1\"");
+        assert_eq!(forwarded_value("[::1]:8080"), "\"[::1]:8080\"");
+        assert_eq!(forwarded_value("x;for=6.6.6.6"), "\"x;for=6.6.6.6\"");
+        assert_eq!(
+            forwarded_value("x\", for=6.6.6.6"),
+            "\"x\\\", for=6.6.6.6\""
+        );
+        assert_eq!(forwarded_value("a\\b"), "\"a\\\\b\"");
+        assert_eq!(forwarded_value(""), "\"\"");
+    }
+
+    #[test]
+    fn a_host_cannot_add_forwarded_elements() {
+        let policy = ForwardingPolicy {
+            mode: ForwardedMode::Forwarded,
+            ..ForwardingPolicy::default()
+        };
+        let downstream = Downstream {
+            peer: "10.0.0.7".parse().expect("ip"),
+            tls: false,
+        };
+        let mut headers = HeaderMap::new();
+        policy.apply(
+            &mut headers,
+            downstream,
+            Some(&HeaderValue::from_static("x\", for=6.6.6.6")),
+        );
+        assert_eq!(
+            headers["forwarded"],
+            "for=10.0.0.7;proto=http;host=\"x\\\", for=6.6.6.6\""
+        );
+        let mut headers = HeaderMap::new();
+        policy.apply(
+            &mut headers,
+            downstream,
+            Some(&HeaderValue::from_static("h:1")),
+        );
+        assert_eq!(headers["forwarded"], "for=10.0.0.7;proto=http;host=\"h:1\"");
+    }
+
+    #[test]
+    fn transfer_encoding_overrides_content_length() {
+        let mut headers = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        remove_overridden_content_length(&mut headers);
+        assert!(!headers.contains_key("content-length"));
+        assert_eq!(headers["transfer-encoding"], "chunked");
+        let mut headers = map(&[("content-length", "5")]);
+        remove_overridden_content_length(&mut headers);
+        assert_eq!(headers["content-length"], "5");
     }
 }

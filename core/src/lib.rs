@@ -7,6 +7,7 @@
 //! - [`progress`]: an exchange's progress, and the body idle timeout that ends a stalled one;
 //! - [`upstream`]: the pooled client to the scoring endpoint;
 //! - [`headers`]: hop-by-hop, forwarding, `via` and correlation-id rules;
+//! - [`host`]: the `Host` grammar;
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
 //! - [`body`]: the response body type;
 //! - [`tls`]: certificates and trust;
@@ -28,6 +29,7 @@ pub mod capture;
 pub mod collector;
 pub mod error;
 pub mod headers;
+pub mod host;
 pub mod metrics;
 pub mod modeldata;
 pub mod penalty;

@@ -29,9 +29,10 @@ use crate::body::ResponseBody;
 use crate::capture::Capture;
 use crate::error::{ProxyError, RequestBodyError};
 use crate::headers::{
-    accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop, Downstream,
-    ForwardingPolicy, HeadViolation, X_REQUEST_ID,
+    accepts_trailers, correlation_id, is_upgrade_request, remove_hop_by_hop,
+    remove_overridden_content_length, Downstream, ForwardingPolicy, HeadViolation, X_REQUEST_ID,
 };
+use crate::host::is_valid_host;
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::progress::{ClientStall, ExchangeProgress, IdleLimitedBody, ProgressBody};
 use crate::returnable::ReturnableBody;
@@ -326,10 +327,25 @@ impl Proxy {
             // invalid field value."
             return Err(ProxyError::bad_request("more than one Host header field"));
         }
+        if host
+            .as_ref()
+            .is_some_and(|host| !is_valid_host(host.as_bytes()))
+        {
+            // RFC 9112 §3.2, above: "... or a Host header field with an invalid field value."
+            return Err(ProxyError::bad_request(
+                "the Host header field is not a valid host",
+            ));
+        }
         // RFC 9112 §3.2.2: "When an origin server receives a request with an absolute-form of
         // request-target, the origin server MUST ignore the received Host header field (if any)
-        // and instead use the host information of the request-target."
+        // and instead use the host information of the request-target." HTTP/2's `:authority`
+        // arrives the same way; both follow the `Host` grammar.
         let client_host = match request.uri().authority() {
+            Some(authority) if !is_valid_host(authority.as_str().as_bytes()) => {
+                return Err(ProxyError::bad_request(
+                    "the request target's authority is not a valid host",
+                ));
+            }
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => host,
         };
@@ -379,6 +395,17 @@ impl Proxy {
             UpstreamProtocol::Http1 => {
                 let host = preserved_host.unwrap_or_else(|| self.upstream.host_header().clone());
                 headers.insert(header::HOST, host);
+                if is_of_unknown_length(&body) {
+                    // RFC 9110 §9.3.1: "Although request message framing is independent of the
+                    // method used, content received in a GET request has no generally defined
+                    // semantics". hyper's client chunks a body of unknown length by itself,
+                    // except for GET, HEAD and CONNECT, which it sends with no body at all (and
+                    // fails on the first byte) unless the request says it is chunked.
+                    headers.insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
+                }
                 if client_accepts_trailers {
                     headers.insert(header::TE, HeaderValue::from_static("trailers"));
                     if !upgrading {
@@ -428,6 +455,9 @@ impl Proxy {
         }
         let upstream_version = response.version();
         let (mut parts, body) = response.into_parts();
+        // hyper's client decoded the body by its transfer coding; the length must not frame it
+        // toward the client.
+        remove_overridden_content_length(&mut parts.headers);
         remove_hop_by_hop(&mut parts.headers, switching);
         self.settings
             .forwarding
@@ -453,6 +483,12 @@ impl Proxy {
             "response headers sent"
         );
     }
+}
+
+/// Whether a body is still to come with no known length: chunked from an HTTP/1.1 client, or
+/// DATA without `content-length` from an HTTP/2 client.
+fn is_of_unknown_length(body: &impl Body) -> bool {
+    !body.is_end_stream() && body.size_hint().exact().is_none()
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's.

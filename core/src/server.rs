@@ -493,13 +493,13 @@ impl Connection {
             header_read: self.limits.header_read_timeout,
             idle: self.limits.idle_timeout,
             cancelled_streams: CancelAllowance::for_streams(self.limits.max_concurrent_streams),
+            maximum_head_bytes: self.limits.max_header_bytes,
         });
         let client_stall = ClientStall::default();
         let io = GuardedIo::new(
             stream,
             guard.clone(),
             slot,
-            self.limits.max_header_bytes,
             self.proxy.body_idle_timeout(),
             client_stall.clone(),
         );
@@ -517,9 +517,9 @@ impl Connection {
                     }
                     request.extensions_mut().insert(client_stall);
                     let response = proxy.handle(downstream, request).await;
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        in_flight.upgraded();
-                    }
+                    // Before hyper writes the response and reads the next request: the guard
+                    // learns whether the connection still carries HTTP/1.1 requests.
+                    in_flight.responded(response.status() == StatusCode::SWITCHING_PROTOCOLS);
                     Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, in_flight)))
                 }
             })

@@ -1,9 +1,13 @@
-//! The upstream client: one scoring endpoint, reached over HTTP/1.1 or HTTP/2, plain or TLS,
-//! through a pool of kept-alive connections.
+//! The upstream client: one scoring endpoint, reached over HTTP/1.1 through a pool of
+//! kept-alive connections, or over HTTP/2 through one shared connection ([`shared_http2`]),
+//! plain or TLS.
+
+mod shared_http2;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,6 +19,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::shared_http2::SharedHttp2;
 use crate::error::{error_chain, is_timeout, ProxyError};
 use crate::progress::{ExchangeProgress, Side, WriteStall, WriteStalled};
 use crate::tls::{upstream_client_config, TlsError};
@@ -67,9 +72,9 @@ pub enum UpstreamError {
 }
 
 /// A connector that always dials the configured upstream, whatever authority a request's URI
-/// names. The URI's authority only becomes `:authority`/`host` and the pool key, so a client's
-/// `Host` can be forwarded (`--preserve-host`) without ever choosing where the proxy connects.
-/// Its connections fail a write the upstream leaves pending for the body idle timeout.
+/// names. The URI's authority only becomes `:authority` (and hyper-util's HTTP/1.1 pool key), so
+/// a client's `Host` can be forwarded (`--preserve-host`) without ever choosing where the proxy
+/// connects. Its connections fail a write the upstream leaves pending for the body idle timeout.
 #[derive(Debug, Clone)]
 struct FixedTarget<C> {
     inner: C,
@@ -172,6 +177,16 @@ type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
 /// The default body idle timeout: as long as the default wait for response headers.
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How requests reach the upstream.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// HTTP/1.1: hyper-util's pool, one connection per request in flight.
+    Pooled(Box<Client<Connector, UpstreamRequestBody>>),
+    /// HTTP/2: one connection for every request. (hyper-util's pool would key it by each
+    /// request's authority, which `--preserve-host` makes the client's.)
+    SharedHttp2(Arc<SharedHttp2>),
+}
+
 /// The most an upstream HTTP/1.1 connection buffers, each way (hyper's minimum is 8 KiB): the
 /// request body frames queued for writing, and the response head (nginx's `proxy_buffer_size`
 /// refuses upstream heads past 4 or 8 KiB by default; 16 KiB is more generous).
@@ -180,7 +195,7 @@ const UPSTREAM_BUFFER_BYTES: usize = 16 * 1024;
 /// The upstream endpoint and its connection pool.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<Connector, UpstreamRequestBody>,
+    transport: Transport,
     scheme: Scheme,
     authority: Authority,
     /// The base URL's path without its trailing `/` (empty for none).
@@ -213,42 +228,34 @@ impl Upstream {
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
+        let target = Uri::from_parts({
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(scheme.clone());
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+            parts
+        })
+        .map_err(|_| invalid())?;
         let connector = FixedTarget {
             inner: match settings.protocol {
                 UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
                 UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
             },
-            target: Uri::from_parts({
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(scheme.clone());
-                parts.authority = Some(authority.clone());
-                parts.path_and_query = Some(PathAndQuery::from_static("/"));
-                parts
-            })
-            .map_err(|_| invalid())?,
+            target: target.clone(),
             body_idle_timeout: settings.body_idle_timeout,
         };
-
-        let mut client = Client::builder(TokioExecutor::new());
-        client
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .http2_only(settings.protocol == UpstreamProtocol::Http2)
-            .http2_adaptive_window(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(false)
-            // hyper queues request body frames for a connection until this many bytes wait
-            // (400 KiB by default) before it stops reading the client's body: with many
-            // concurrent uploads to a slower upstream that is most of the proxy's memory. Body
-            // frames are at most the server's read buffer (`--max-header-bytes`, 16 KiB by
-            // default), so this still lets a whole frame through while bounding each upload to
-            // about twice that.
-            .http1_max_buf_size(UPSTREAM_BUFFER_BYTES)
-            .set_host(false);
+        let transport = match settings.protocol {
+            UpstreamProtocol::Http1 => {
+                Transport::Pooled(Box::new(pooled_client(settings, connector)))
+            }
+            UpstreamProtocol::Http2 => Transport::SharedHttp2(Arc::new(SharedHttp2::new(
+                connector,
+                target,
+                settings.pool_idle_timeout,
+            ))),
+        };
         Ok(Self {
-            client: client.build(connector),
+            transport,
             scheme,
             authority,
             path_prefix,
@@ -319,12 +326,23 @@ impl Upstream {
         progress: &ExchangeProgress,
     ) -> Result<Response<Incoming>, ProxyError> {
         let body_idle_timeout = self.body_idle_timeout;
-        let response = self.client.request(request);
+        let response = async {
+            match &self.transport {
+                Transport::Pooled(client) => client
+                    .request(request)
+                    .await
+                    .map_err(|error| self.classify(&error, error.is_connect())),
+                Transport::SharedHttp2(shared) => shared
+                    .send(request)
+                    .await
+                    .map_err(|error| self.classify(&error, error.is_connect())),
+            }
+        };
         tokio::pin!(response);
         while !progress.request_sent() {
             let idle_deadline = progress.idle_deadline(body_idle_timeout);
             tokio::select! {
-                result = &mut response => return result.map_err(|error| self.classify(&error)),
+                result = &mut response => return result,
                 () = progress.wait_request_sent() => {}
                 () = tokio::time::sleep_until(idle_deadline) => {
                     if progress.idle_deadline(body_idle_timeout) <= tokio::time::Instant::now() {
@@ -338,14 +356,13 @@ impl Upstream {
         }
         match tokio::time::timeout(self.response_header_timeout, response).await {
             Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.response_header_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(self.classify(&error)),
+            Ok(result) => result,
         }
     }
 
-    fn classify(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    fn classify(&self, error: &(dyn std::error::Error + 'static), is_connect: bool) -> ProxyError {
         let message = error_chain(error);
-        if error.is_connect() {
+        if is_connect {
             if is_timeout(error) {
                 ProxyError::UpstreamConnectTimeout(self.connect_timeout)
             } else {
@@ -380,6 +397,28 @@ impl Upstream {
             Ok(Ok(_))
         )
     }
+}
+
+/// hyper-util's pooled HTTP/1.1 client.
+fn pooled_client(
+    settings: &UpstreamSettings,
+    connector: Connector,
+) -> Client<Connector, UpstreamRequestBody> {
+    let mut client = Client::builder(TokioExecutor::new());
+    client
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(settings.pool_idle_timeout)
+        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+        // hyper queues request body frames for a connection until this many bytes wait
+        // (400 KiB by default) before it stops reading the client's body: with many
+        // concurrent uploads to a slower upstream that is most of the proxy's memory. Body
+        // frames are at most the server's read buffer (`--max-header-bytes`, 16 KiB by
+        // default), so this still lets a whole frame through while bounding each upload to
+        // about twice that.
+        .http1_max_buf_size(UPSTREAM_BUFFER_BYTES)
+        .set_host(false);
+    client.build(connector)
 }
 
 #[cfg(test)]

@@ -204,7 +204,17 @@ fn forwarding(
             let scheme = if downstream.tls { "https" } else { "http" };
             let mut element = format!("for={node};proto={scheme}");
             if let Some(host) = host.as_ref().and_then(|host| host.to_str().ok()) {
-                element.push_str(&format!(";host=\"{host}\""));
+                // RFC 7239 §4: a token as it is, anything else a quoted-string.
+                let token = !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if token {
+                    element.push_str(&format!(";host={host}"));
+                } else {
+                    let escaped = host.replace('\\', "\\\\").replace('"', "\\\"");
+                    element.push_str(&format!(";host=\"{escaped}\""));
+                }
             }
             assert!(chain.ends_with(&element), "{chain}");
             if !trusted {

@@ -8,8 +8,15 @@
 //! its own. It mirrors hyper's framing (RFC 9112 §6.3: a chunked body when the last
 //! transfer coding is `chunked`, else `Content-Length`, else no body) and its chunked decoder
 //! byte for byte. Wherever hyper would refuse the message (and close the connection), or the
-//! bytes stop being HTTP/1.1 requests (an upgrade, `CONNECT`, the HTTP/2 preface), the tracker
-//! stops following the connection: what it reports is only ever about heads it saw whole.
+//! bytes stop being HTTP/1.1 requests (an upgrade that was granted, the HTTP/2 preface), the
+//! tracker stops following the connection: what it reports is only ever about heads it saw whole.
+//!
+//! A request that asks to switch protocols (an `Upgrade` field, or `CONNECT`) does not switch
+//! them by itself: RFC 9110 §7.8, "A server MAY ignore a received Upgrade header field if it
+//! wishes to continue using the current protocol on that connection", and then the connection
+//! goes on carrying HTTP/1.1 requests. After such a request the tracker holds what follows
+//! (up to the head limit) until the answer is known ([`RequestFraming::upgrade_answered`]): a
+//! 101 ends the tracking, anything else resumes it with the held bytes.
 
 use crate::headers::HeadViolation;
 
@@ -22,9 +29,12 @@ pub(crate) enum FramingEvent {
     HeadComplete(Option<HeadViolation>),
     /// A request head went past the size limit (complete or not); the tracker stops following.
     HeadTooLarge,
+    /// The head that just completed asks to switch protocols: what follows its body is held
+    /// until [`RequestFraming::upgrade_answered`].
+    UpgradeRequested,
     /// The client speaks HTTP/2 (its first bytes are the connection preface).
     Http2,
-    /// The tracker no longer follows the connection (upgrade, `CONNECT`, a head hyper refuses,
+    /// The tracker no longer follows the connection (a granted upgrade, a head hyper refuses,
     /// a head larger than the limit, a violation after which the connection closes).
     Untracked,
 }
@@ -38,6 +48,9 @@ enum State {
     Length(u64),
     /// Inside a chunked body.
     Chunked(Chunk),
+    /// After a request that asked to switch protocols, until the answer is known: what comes
+    /// is held, not read.
+    AwaitingUpgrade,
     /// Not following the connection any more.
     Untracked,
 }
@@ -83,6 +96,8 @@ enum Next {
 struct Scanned {
     violation: Option<HeadViolation>,
     next: Next,
+    /// The request asks to switch protocols (`Upgrade`, or `CONNECT`).
+    upgrade: bool,
 }
 
 /// Follows one connection's request bytes.
@@ -97,6 +112,12 @@ pub(crate) struct RequestFraming {
     searched: usize,
     /// Past this many head bytes the request is refused with 431.
     maximum_head_bytes: usize,
+    /// The request being read asked to switch protocols: after its body, wait for the answer.
+    upgrade_requested: bool,
+    /// The bytes received while awaiting the answer to an upgrade request.
+    held: Vec<u8>,
+    /// More than `maximum_head_bytes` came while awaiting the answer; only the count was kept.
+    held_too_much: bool,
 }
 
 impl RequestFraming {
@@ -107,6 +128,9 @@ impl RequestFraming {
             head: Vec::new(),
             searched: 0,
             maximum_head_bytes,
+            upgrade_requested: false,
+            held: Vec::new(),
+            held_too_much: false,
         }
     }
 
@@ -121,10 +145,11 @@ impl RequestFraming {
             data = match self.state {
                 State::Untracked => return,
                 State::Head => self.feed_head(data, report),
+                State::AwaitingUpgrade => self.hold(data),
                 State::Length(remaining) => {
                     let taken = take(remaining, data.len());
                     self.state = match remaining - taken as u64 {
-                        0 => State::Head,
+                        0 => self.after_body(),
                         remaining => State::Length(remaining),
                     };
                     &data[taken..]
@@ -133,7 +158,7 @@ impl RequestFraming {
                     let (rest, next) = feed_chunked(chunk, data);
                     self.state = match next {
                         Some(Some(chunk)) => State::Chunked(chunk),
-                        Some(None) => State::Head,
+                        Some(None) => self.after_body(),
                         None => {
                             report(FramingEvent::Untracked);
                             State::Untracked
@@ -142,6 +167,59 @@ impl RequestFraming {
                     rest
                 }
             };
+        }
+    }
+
+    /// The state after a request's body: the next head, or the answer to an upgrade request.
+    fn after_body(&mut self) -> State {
+        if std::mem::take(&mut self.upgrade_requested) {
+            State::AwaitingUpgrade
+        } else {
+            State::Head
+        }
+    }
+
+    /// Holds bytes that came after an upgrade request, up to the head limit.
+    fn hold<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        if !self.held_too_much {
+            if self.held.len() + data.len() > self.maximum_head_bytes {
+                self.held_too_much = true;
+                self.held = Vec::new();
+            } else {
+                self.held.extend_from_slice(data);
+            }
+        }
+        &data[data.len()..]
+    }
+
+    /// The answer to the request that asked to switch protocols is known: `switched` when it
+    /// was 101, after which the connection no longer carries requests. Otherwise the tracker
+    /// goes on following requests, starting with the bytes held meanwhile; more of them than a
+    /// head may have are reported as a head too large (they were sent without waiting for the
+    /// answer, and cannot all be followed).
+    pub(crate) fn upgrade_answered(
+        &mut self,
+        switched: bool,
+        report: &mut impl FnMut(FramingEvent),
+    ) {
+        let awaiting = matches!(self.state, State::AwaitingUpgrade);
+        if !awaiting && !self.upgrade_requested {
+            return;
+        }
+        self.upgrade_requested = false;
+        let held = std::mem::take(&mut self.held);
+        let held_too_much = std::mem::take(&mut self.held_too_much);
+        if switched {
+            self.state = State::Untracked;
+            report(FramingEvent::Untracked);
+        } else if awaiting {
+            self.state = State::Head;
+            if held_too_much {
+                report(FramingEvent::HeadStarted);
+                self.too_large(report);
+            } else {
+                self.feed(&held, report);
+            }
         }
     }
 
@@ -195,8 +273,12 @@ impl RequestFraming {
             return rest;
         }
         report(FramingEvent::HeadComplete(scanned.violation));
+        if scanned.upgrade && matches!(scanned.next, Next::Body(_)) {
+            report(FramingEvent::UpgradeRequested);
+            self.upgrade_requested = true;
+        }
         self.state = match scanned.next {
-            Next::Body(Body::Empty | Body::Length(0)) => State::Head,
+            Next::Body(Body::Empty | Body::Length(0)) => self.after_body(),
             Next::Body(Body::Length(length)) => State::Length(length),
             Next::Body(Body::Chunked) => State::Chunked(Chunk::Start),
             Next::Http2 => {
@@ -252,6 +334,7 @@ fn scan_head(head: &[u8]) -> Scanned {
     let untracked = Scanned {
         violation: None,
         next: Next::Untracked,
+        upgrade: false,
     };
     let mut bare_line_feed = false;
     // Every line, the terminating empty one included, without its LF; a CR before the LF
@@ -278,6 +361,7 @@ fn scan_head(head: &[u8]) -> Scanned {
         return Scanned {
             violation: None,
             next: Next::Http2,
+            upgrade: false,
         };
     }
     let mut content_lengths: Vec<u64> = Vec::new();
@@ -335,13 +419,13 @@ fn scan_head(head: &[u8]) -> Scanned {
     };
     Scanned {
         violation,
-        // The proxy closes the connection after refusing a violation; an upgrade or CONNECT
-        // turns the connection into something else.
-        next: if violation.is_some() || upgrade {
+        // The proxy closes the connection after refusing a violation.
+        next: if violation.is_some() {
             Next::Untracked
         } else {
             Next::Body(body)
         },
+        upgrade,
     }
 }
 
@@ -541,6 +625,82 @@ GET /d HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
         );
         let upgrade = b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nGET / HTTP/1.1\nX: y\n\n";
         assert_eq!(verdicts(&[upgrade]), vec![None]);
+    }
+
+    /// Follows `input`, then answers the upgrade request; the events after the answer.
+    fn answered(
+        input: &[u8],
+        switched: bool,
+        then: &[u8],
+    ) -> (Vec<FramingEvent>, Vec<FramingEvent>) {
+        let mut framing = RequestFraming::new(100);
+        let mut before = Vec::new();
+        framing.feed(input, &mut |event| before.push(event));
+        let mut after = Vec::new();
+        framing.upgrade_answered(switched, &mut |event| after.push(event));
+        framing.feed(then, &mut |event| after.push(event));
+        (before, after)
+    }
+
+    #[test]
+    fn a_refused_upgrade_resumes_with_the_bytes_held_meanwhile() {
+        let upgrade = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+        let mut input = upgrade.to_vec();
+        input.extend_from_slice(b"GET /held HTTP/1.1\nHost: h\r\n\r\n");
+        let (before, after) = answered(&input, false, b"GET /later HTTP/1.1\r\n");
+        assert_eq!(
+            before,
+            vec![
+                FramingEvent::HeadStarted,
+                FramingEvent::HeadComplete(None),
+                FramingEvent::UpgradeRequested
+            ],
+            "what follows an upgrade request waits for its answer"
+        );
+        assert_eq!(
+            after,
+            vec![
+                FramingEvent::HeadStarted,
+                FramingEvent::HeadComplete(Some(HeadViolation::BareLineFeed)),
+                FramingEvent::Untracked
+            ]
+        );
+        // Nothing held: the next head is followed as it comes.
+        let (_, after) = answered(upgrade, false, b"GET /later HTTP/1.1\r\n");
+        assert_eq!(after, vec![FramingEvent::HeadStarted]);
+    }
+
+    #[test]
+    fn an_upgrade_request_body_is_followed_before_holding() {
+        let input = b"POST / HTTP/1.1\r\nUpgrade: h2c\r\nContent-Length: 20\r\n\r\nGET / HTTP/1.1\n\n\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        let (before, after) = answered(input, false, b"");
+        assert_eq!(before.len(), 3, "{before:?}");
+        assert_eq!(
+            after,
+            vec![FramingEvent::HeadStarted, FramingEvent::HeadComplete(None)]
+        );
+    }
+
+    #[test]
+    fn a_granted_upgrade_ends_the_tracking() {
+        let input = b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET / HTTP/1.1\n\n";
+        let (_, after) = answered(input, true, b"GET / HTTP/1.1\nX: y\n\n");
+        assert_eq!(after, vec![FramingEvent::Untracked]);
+    }
+
+    #[test]
+    fn more_than_a_head_held_is_a_head_too_large() {
+        let mut input = b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n".to_vec();
+        input.extend_from_slice(&[b'a'; 101]);
+        let (_, after) = answered(&input, false, b"more");
+        assert_eq!(
+            after,
+            vec![
+                FramingEvent::HeadStarted,
+                FramingEvent::HeadTooLarge,
+                FramingEvent::Untracked
+            ]
+        );
     }
 
     #[test]

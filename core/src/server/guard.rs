@@ -41,6 +41,14 @@ enum Protocol {
     Untracked,
 }
 
+/// What the wire showed of one request head, for the request it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeadVerdict {
+    violation: Option<HeadViolation>,
+    /// The request asked to switch protocols: the tracker holds what follows until its answer.
+    awaits_upgrade: bool,
+}
+
 /// What to do when the connection's deadline passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Expiry {
@@ -102,7 +110,7 @@ struct State {
     /// The first byte of a head still incomplete.
     head_started: Option<Instant>,
     /// One entry per head seen whole on the wire and not yet dispatched, in order.
-    verdicts: VecDeque<Option<HeadViolation>>,
+    verdicts: VecDeque<HeadVerdict>,
     /// The cancellation bucket's level (HTTP/2 only), as of `cancelled_at`.
     cancelled: f64,
     cancelled_at: Instant,
@@ -116,11 +124,15 @@ pub(crate) struct GuardLimits {
     pub header_read: Duration,
     pub idle: Duration,
     pub cancelled_streams: CancelAllowance,
+    /// `--max-header-bytes`: past it a head is refused with 431.
+    pub maximum_head_bytes: usize,
 }
 
 /// One connection's guard, shared by its IO, its service and its watchdog.
 #[derive(Debug)]
 pub(crate) struct ConnectionGuard {
+    /// The HTTP/1.1 request framing on the wire. Locked before `state` where both are.
+    framing: Mutex<RequestFraming>,
     state: Mutex<State>,
     /// Wakes the watchdog when the deadline may have moved earlier.
     changed: Notify,
@@ -131,6 +143,7 @@ impl ConnectionGuard {
     pub(crate) fn new(limits: GuardLimits) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Self {
+            framing: Mutex::new(RequestFraming::new(limits.maximum_head_bytes)),
             state: Mutex::new(State {
                 protocol: Protocol::Http1,
                 connected: now,
@@ -155,6 +168,25 @@ impl ConnectionGuard {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn framing(&self) -> MutexGuard<'_, RequestFraming> {
+        self.framing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Follows bytes the client sent; whether the connection is still followed.
+    fn follow(&self, data: &[u8]) -> bool {
+        let mut framing = self.framing();
+        framing.feed(data, &mut |event| self.on_framing(event));
+        framing.is_tracking()
+    }
+
+    /// The answer to a request that asked to switch protocols is known.
+    fn upgrade_answered(&self, switched: bool) {
+        self.framing()
+            .upgrade_answered(switched, &mut |event| self.on_framing(event));
+    }
+
     fn on_framing(&self, event: FramingEvent) {
         let mut state = self.state();
         match event {
@@ -167,11 +199,22 @@ impl ConnectionGuard {
             }
             FramingEvent::HeadComplete(violation) => {
                 state.head_started = None;
-                state.verdicts.push_back(violation);
+                state.verdicts.push_back(HeadVerdict {
+                    violation,
+                    awaits_upgrade: false,
+                });
+            }
+            FramingEvent::UpgradeRequested => {
+                if let Some(verdict) = state.verdicts.back_mut() {
+                    verdict.awaits_upgrade = true;
+                }
             }
             // The head may still be coming: its deadline stays.
             FramingEvent::HeadTooLarge => {
-                state.verdicts.push_back(Some(HeadViolation::HeadTooLarge));
+                state.verdicts.push_back(HeadVerdict {
+                    violation: Some(HeadViolation::HeadTooLarge),
+                    awaits_upgrade: false,
+                });
             }
             FramingEvent::Http2 => state.protocol = Protocol::Http2,
             FramingEvent::Untracked => {
@@ -188,16 +231,20 @@ impl ConnectionGuard {
         let mut state = self.state();
         state.in_flight += 1;
         state.served = true;
-        let violation = match state.protocol {
-            Protocol::Http1 => state.verdicts.pop_front().flatten(),
+        let verdict = match state.protocol {
+            Protocol::Http1 => state.verdicts.pop_front(),
             Protocol::Untracked => {
                 // No head is followed any more: the one being read, if any, is this one.
                 state.head_started = None;
-                state.verdicts.pop_front().flatten()
+                state.verdicts.pop_front()
             }
             Protocol::Http2 => None,
         };
-        (InFlight(Some(self.clone())), violation)
+        let in_flight = InFlight {
+            guard: Some(self.clone()),
+            awaits_upgrade: verdict.is_some_and(|verdict| verdict.awaits_upgrade),
+        };
+        (in_flight, verdict.and_then(|verdict| verdict.violation))
     }
 
     fn request_finished(&self, end: RequestEnd) {
@@ -227,6 +274,7 @@ impl ConnectionGuard {
 
     /// The connection switched protocols: its bytes are no longer requests.
     fn upgraded(&self) {
+        self.upgrade_answered(true);
         let mut state = self.state();
         state.protocol = Protocol::Untracked;
         state.head_started = None;
@@ -275,18 +323,28 @@ impl ConnectionGuard {
 
 /// A dispatched request, in flight until dropped.
 #[derive(Debug)]
-pub(crate) struct InFlight(Option<Arc<ConnectionGuard>>);
+pub(crate) struct InFlight {
+    guard: Option<Arc<ConnectionGuard>>,
+    /// The request asked to switch protocols, and the connection's bytes wait for the answer.
+    awaits_upgrade: bool,
+}
 
 impl InFlight {
-    /// The response switched protocols (101).
-    pub(crate) fn upgraded(&self) {
-        if let Some(guard) = &self.0 {
+    /// The response is ready to go: `switched` when it switches protocols (101). Until a
+    /// request that asked for an upgrade is answered, the framing tracker holds what follows it.
+    pub(crate) fn responded(&self, switched: bool) {
+        let Some(guard) = &self.guard else {
+            return;
+        };
+        if switched {
             guard.upgraded();
+        } else if self.awaits_upgrade {
+            guard.upgrade_answered(false);
         }
     }
 
     fn finish(&mut self, end: RequestEnd) {
-        if let Some(guard) = self.0.take() {
+        if let Some(guard) = self.guard.take() {
             guard.request_finished(end);
         }
     }
@@ -360,7 +418,8 @@ pin_project! {
     pub(crate) struct GuardedIo<S> {
         #[pin]
         inner: S,
-        framing: RequestFraming,
+        // The guard still follows the connection's requests.
+        following: bool,
         guard: Arc<ConnectionGuard>,
         // The connection's slot of --max-connections, released with the connection.
         _slot: OwnedSemaphorePermit,
@@ -373,13 +432,12 @@ impl<S> GuardedIo<S> {
         inner: S,
         guard: Arc<ConnectionGuard>,
         slot: OwnedSemaphorePermit,
-        maximum_head_bytes: usize,
         write_timeout: Duration,
         client_stall: ClientStall,
     ) -> Self {
         Self {
             inner,
-            framing: RequestFraming::new(maximum_head_bytes),
+            following: true,
             guard,
             _slot: slot,
             write_stall: WriteStall::new(write_timeout, Side::Client).marking(client_stall),
@@ -396,12 +454,10 @@ impl<S: AsyncRead> AsyncRead for GuardedIo<S> {
         let this = self.project();
         let before = buffer.filled().len();
         let polled = this.inner.poll_read(context, buffer);
-        if this.framing.is_tracking() {
+        if *this.following {
             let read = &buffer.filled()[before..];
             if !read.is_empty() {
-                let guard = &**this.guard;
-                this.framing
-                    .feed(read, &mut |event| guard.on_framing(event));
+                *this.following = this.guard.follow(read);
             }
         }
         polled
@@ -455,6 +511,7 @@ mod tests {
             burst: 10.0,
             per_second: 5.0,
         },
+        maximum_head_bytes: 1024,
     };
 
     #[tokio::test(start_paused = true)]
@@ -493,6 +550,38 @@ mod tests {
         );
         tokio::time::advance(TIMEOUTS.header_read).await;
         assert_eq!(guard.expired().await, Expiry::Close);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_upgrade_keeps_the_connection_followed() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        let upgrade = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+        assert!(guard.follow(upgrade));
+        let (in_flight, _) = guard.request_started();
+        // A head starts before the answer: held, not yet timed.
+        assert!(guard.follow(b"GET /slow HTTP/1.1\r\n"));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        in_flight.responded(false);
+        let resumed = Instant::now();
+        drop(in_flight);
+        assert_eq!(
+            guard.deadline(),
+            Some((resumed + TIMEOUTS.header_read, Expiry::Close)),
+            "the held head is timed from the refusal"
+        );
+        // A violation ends the following (the connection closes after the refusal).
+        assert!(!guard.follow(b"Host: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"));
+        assert_eq!(
+            guard.request_started().1,
+            Some(HeadViolation::DuplicateContentLength)
+        );
+
+        let granted = ConnectionGuard::new(TIMEOUTS);
+        assert!(granted.follow(upgrade));
+        let (in_flight, _) = granted.request_started();
+        in_flight.responded(true);
+        assert!(!granted.follow(b"GET / HTTP/1.1\nX: y\n\n"));
+        assert_eq!(granted.state().verdicts.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
