@@ -43,7 +43,8 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams hyper may reset itself for a client's protocol errors before it sends GOAWAY
 /// (RUSTSEC-2024-0003; hyper's own default, made explicit).
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// How long an idle HTTP/2 connection has to close after its GOAWAY before it is dropped.
+/// How long an HTTP/2 connection sent GOAWAY has to close by itself, once no stream is left in
+/// flight on it, before it is dropped.
 const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 /// At most one warning per this interval about connections refused at `--max-connections`.
 const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -76,14 +77,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`. It also sets how many started streams a
     /// client may cancel: twice this many at once, refilled at this many a second; past it the
-    /// connection gets GOAWAY and the peer a strike.
+    /// connection gets GOAWAY (its streams in flight may finish).
     pub max_concurrent_streams: u32,
     /// HTTP/2 streams a client may open and reset before scoretap has accepted them; past it
     /// GOAWAY `ENHANCE_YOUR_CALM` (rapid reset, CVE-2023-44487).
     pub h2_max_pending_reset_streams: usize,
-    /// How long the next connection of a peer cut off with `ENHANCE_YOUR_CALM` (or for
-    /// cancelling too many streams) waits before it is served, doubling per repeat up to a
-    /// second ([`crate::penalty`]); zero switches it off.
+    /// How long the next connection of a peer cut off with `ENHANCE_YOUR_CALM` waits before it
+    /// is served, doubling per repeat up to a second ([`crate::penalty`]); zero switches it off.
     pub abuse_delay: Duration,
 }
 
@@ -518,7 +518,8 @@ impl Connection {
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let mut shutting_down = false;
-        let mut goaway_deadline: Option<tokio::time::Instant> = None;
+        // When the guard had the connection sent GOAWAY.
+        let mut goaway_sent: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
@@ -537,23 +538,25 @@ impl Connection {
                     shutting_down = true;
                     connection.as_mut().graceful_shutdown();
                 }
-                expiry = guard.expired(), if goaway_deadline.is_none() => match expiry {
+                expiry = guard.expired(), if goaway_sent.is_none() => match expiry {
                     Expiry::Close => return Ok(()),
                     Expiry::GoAway | Expiry::CancelledTooMany => {
-                        // hyper's graceful GOAWAY says NO_ERROR (it cannot send
-                        // ENHANCE_YOUR_CALM): the client may open no new stream, and for abuse the
-                        // penalty slows its reconnecting.
+                        // hyper's graceful GOAWAY says NO_ERROR: the client may open no new
+                        // stream, and the streams in flight finish (RFC 9113 §6.8: GOAWAY
+                        // "enables an endpoint to gracefully stop accepting new streams while
+                        // still finishing processing of previously established streams"); hyper
+                        // closes the connection after the last one.
                         if expiry == Expiry::CancelledTooMany {
                             tracing::debug!(peer = %downstream.peer, "HTTP/2 client cancelled too many streams, sending GOAWAY");
-                            self.penalty.strike(downstream.peer);
                         }
                         connection.as_mut().graceful_shutdown();
-                        goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
+                        goaway_sent = Some(tokio::time::Instant::now());
                     }
                 },
+                // A client that keeps the connection open with no stream left is dropped.
                 () = async {
-                    match goaway_deadline {
-                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    match goaway_sent {
+                        Some(sent) => guard.quiet_for(GOAWAY_GRACE, sent).await,
                         None => std::future::pending().await,
                     }
                 } => return Ok(()),

@@ -1026,8 +1026,9 @@ async fn cancel_started_streams(
 
 /// Streams cancelled after the proxy started them pass h2's pending-reset limit, and each has
 /// already cost the upstream a request. A client may cancel twice `--max-concurrent-streams` of
-/// them at once (refilled at that many a second); past it the connection gets GOAWAY and the
-/// peer's next connection waits `--abuse-delay`.
+/// them at once (refilled at that many a second); past it the connection gets GOAWAY. The peer
+/// takes no strike (a gateway cancelling on short deadlines does this without abuse): its next
+/// connection is served without waiting `--abuse-delay`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_streams_cancelled_after_they_started_are_cut_off_past_the_allowance() {
     const DELAY: Duration = Duration::from_millis(400);
@@ -1053,17 +1054,16 @@ async fn h2_streams_cancelled_after_they_started_are_cut_off_past_the_allowance(
         "{reached} streams cancelled after they started did not end in GOAWAY"
     );
     assert!(reached > 40, "cut off after {reached} cancellations");
-    let cut_off = Instant::now();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, _) = get_from([127, 0, 0, 1].into(), proxy.addr).await;
-    let waited = cut_off.elapsed();
+    let (status, waited) = get_from([127, 0, 0, 1].into(), proxy.addr).await;
     assert_eq!(status, 200);
-    // The strike is recorded just before the GOAWAY is sent: part of the wait has passed when
-    // the client reads it (a few milliseconds; without a penalty this takes about 100 ms).
     assert!(
-        waited >= DELAY * 3 / 4,
-        "the peer was served {waited:?} after it was cut off"
+        waited < DELAY / 2,
+        "the peer was served {waited:?} after it connected again"
     );
+    let delayed = scrape(proxy.admin)
+        .await
+        .value("scoretap_connections_delayed_total", &[]);
+    assert_eq!(delayed, 0.0, "scoretap_connections_delayed_total");
     let mut c = Client::connect_from([127, 0, 0, 2].into(), proxy.addr, Proto::H2).await;
     assert_eq!(c.get("/ok").await.status, StatusCode::OK);
 }

@@ -47,8 +47,10 @@ pub(crate) enum Expiry {
     Close,
     /// An idle HTTP/2 connection: GOAWAY, then close.
     GoAway,
-    /// An HTTP/2 client cancelled streams faster than its [`CancelAllowance`]: GOAWAY, then
-    /// close, and the peer is penalized.
+    /// An HTTP/2 client cancelled streams faster than its [`CancelAllowance`]: GOAWAY, and the
+    /// streams already in flight may finish. No penalty: a gateway cancelling on short deadlines
+    /// in front of a slow model does this without any abuse, and a strike would delay every
+    /// client behind it ([`crate::penalty`] is for streams reset before they were served).
     CancelledTooMany,
 }
 
@@ -252,6 +254,29 @@ impl ConnectionGuard {
             }
             (_, None) => (state.idle_since + idle, Expiry::Close),
         })
+    }
+
+    /// Resolves once no request has been in flight for `grace`, counted from `since` at the
+    /// earliest: after a GOAWAY, the time a connection has to close by itself once its last
+    /// stream has ended.
+    pub(crate) async fn quiet_for(&self, grace: Duration, since: Instant) {
+        loop {
+            let changed = self.changed.notified();
+            let deadline = {
+                let state = self.state();
+                (state.in_flight == 0).then(|| state.idle_since.max(since) + grace)
+            };
+            match deadline {
+                None => changed.await,
+                Some(at) if at <= Instant::now() => return,
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = changed => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Resolves when the connection has expired.
@@ -536,6 +561,34 @@ mod tests {
         );
         assert_eq!(guard.expired().await, Expiry::CancelledTooMany);
         drop(open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_told_to_go_away_has_its_grace_once_its_last_stream_ends() {
+        const GRACE: Duration = Duration::from_secs(5);
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        let (slow, _) = guard.request_started();
+        let goaway = Instant::now();
+        let quiet = guard.quiet_for(GRACE, goaway);
+        tokio::pin!(quiet);
+        let in_flight = tokio::time::timeout(Duration::from_secs(60), quiet.as_mut()).await;
+        assert!(
+            in_flight.is_err(),
+            "no deadline while a stream is in flight"
+        );
+        drop(slow);
+        let ended = Instant::now();
+        quiet.await;
+        assert_eq!(Instant::now(), ended + GRACE);
+
+        // Idle since long before the GOAWAY: the grace still runs from the GOAWAY.
+        let idle = ConnectionGuard::new(TIMEOUTS);
+        idle.on_framing(FramingEvent::Http2);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let goaway = Instant::now();
+        idle.quiet_for(GRACE, goaway).await;
+        assert_eq!(Instant::now(), goaway + GRACE);
     }
 
     #[tokio::test(start_paused = true)]

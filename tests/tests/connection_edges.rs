@@ -1,0 +1,147 @@
+//! Connections at their limits and at their ends: an HTTP/2 connection told to go away for
+//! cancelling too many streams, the upstream connections one client can make scoretap open, and
+//! upgraded connections (WebSocket tunnels) left idle or open at shutdown. Real sockets against
+//! the real binary.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use scoretap_tests::harness::proxy_for;
+use scoretap_tests::hostile::{h2_client, h2_get};
+use scoretap_tests::metrics::scrape;
+use scoretap_tests::util::eventually;
+use scoretap_tests::*;
+
+// ---------------------------------------------------------------- HTTP/2 cancellations
+
+/// Reads an HTTP/2 response whole: its status and body.
+async fn h2_response(
+    response: h2::client::ResponseFuture,
+) -> Result<(http::StatusCode, Vec<u8>), h2::Error> {
+    let response = response.await?;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data?;
+        let _ = body.flow_control().release_capacity(data.len());
+        bytes.extend_from_slice(&data);
+    }
+    Ok((status, bytes))
+}
+
+/// A gateway that cancels its requests on short deadlines while the model is slow cancels many
+/// started HTTP/2 streams. Past the allowance the connection gets GOAWAY, but what is still in
+/// flight on it must finish: a slow answer (7 s) arrives whole, more than 5 s after the GOAWAY,
+/// and the peer (every client behind that gateway) takes no strike, so its next connection is
+/// served at once. The penalty is for floods of streams reset before they were served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_finish_after_the_too_many_cancellations_goaway_and_the_peer_is_not_penalized(
+) {
+    const PENALTY: Duration = Duration::from_millis(400);
+    let up = TestUpstream::start().await;
+    let proxy = proxy_for(
+        &up,
+        &["--max-concurrent-streams", "20", "--abuse-delay", "400ms"],
+    )
+    .await;
+    let (mut client, connection) = h2_client(proxy.addr).await;
+    let started = Instant::now();
+    let (slow, _) = client
+        .send_request(h2_get("/delay?ms=7000&t=slow"), true)
+        .unwrap();
+    let slow = tokio::spawn(h2_response(slow));
+    up.wait_path("t=slow").await;
+
+    // Batches of 18 streams (19 open with the slow one, under the 20 allowed), each batch reset
+    // once all of it has reached the upstream, until the GOAWAY: the allowance is 40 at once.
+    let mut cancelled = 0;
+    let mut goaway = None;
+    'batches: for _ in 0..10 {
+        let before = up.request_count();
+        let mut streams = Vec::new();
+        for _ in 0..18 {
+            let opened = match std::future::poll_fn(|context| client.poll_ready(context)).await {
+                Ok(()) => client.send_request(h2_get("/stall?t=cancelled"), true),
+                Err(error) => Err(error),
+            };
+            match opened {
+                Ok((_, stream)) => streams.push(stream),
+                Err(error) => {
+                    goaway = Some(error);
+                    break 'batches;
+                }
+            }
+        }
+        assert!(
+            eventually(STEP, || up.request_count() >= before + streams.len()).await,
+            "a batch of streams did not reach the upstream"
+        );
+        for stream in &mut streams {
+            stream.send_reset(h2::Reason::CANCEL);
+        }
+        cancelled += streams.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY after {cancelled} cancellations"));
+    let goaway_seen = Instant::now();
+    assert!(
+        goaway.is_go_away() && goaway.reason() == Some(h2::Reason::NO_ERROR),
+        "after {cancelled} cancellations: {goaway:?}"
+    );
+
+    let mut problems = Vec::new();
+    // Right after: the same peer connects again.
+    let connecting = Instant::now();
+    let mut next = Client::connect(proxy.addr, Proto::H1).await;
+    let answer = next.get("/ok?t=next-connection").await;
+    let waited = connecting.elapsed();
+    assert_eq!(answer.status, 200);
+    if waited >= PENALTY / 2 {
+        problems.push(format!(
+            "the peer's next connection was served {waited:?} after it connected"
+        ));
+    }
+    let delayed = scrape(proxy.admin)
+        .await
+        .value("scoretap_connections_delayed_total", &[]);
+    if delayed != 0.0 {
+        problems.push(format!("scoretap_connections_delayed_total is {delayed}"));
+    }
+
+    match within(Duration::from_secs(15), "the slow answer", slow)
+        .await
+        .unwrap()
+    {
+        Ok((status, body)) => {
+            if status != 200 || body != b"delayed 7000" {
+                problems.push(format!(
+                    "the slow answer: {status} {:?}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+            let after_goaway = goaway_seen.elapsed();
+            assert!(
+                after_goaway > Duration::from_secs(5)
+                    && started.elapsed() >= Duration::from_secs(7),
+                "the slow answer came {after_goaway:?} after the GOAWAY"
+            );
+        }
+        Err(error) => problems.push(format!(
+            "the slow request in flight failed {:?} after the GOAWAY ({:?} after it was sent): \
+             {error}",
+            goaway_seen.elapsed(),
+            started.elapsed()
+        )),
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Nothing left in flight: the connection ends by itself.
+    within(
+        STEP,
+        "the connection to end after its last stream",
+        connection,
+    )
+    .await
+    .unwrap()
+    .ok();
+}
