@@ -181,19 +181,19 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartErr
 impl BoundServer {
     /// Builds the upstream client, loads the certificate, and binds both listeners.
     pub async fn bind(settings: ServerSettings) -> Result<Self, StartError> {
-        let upstream = Upstream::new(&settings.upstream)?;
-        let tls = match &settings.tls {
-            Some(files) => Some(Arc::new(ReloadableServerConfig::new(files.clone())?)),
-            None => None,
-        };
-        let (proxy_listener, proxy_address) = bind(settings.listen).await?;
-        let (admin_listener, admin_address) = bind(settings.admin_listen).await?;
         let (metrics, prometheus) = if settings.metrics {
             let (metrics, handle) = Metrics::prometheus().map_err(StartError::Metrics)?;
             (metrics, Some(handle))
         } else {
             (Metrics::disabled(), None)
         };
+        let upstream = Upstream::new(&settings.upstream, metrics.upstream_connections())?;
+        let tls = match &settings.tls {
+            Some(files) => Some(Arc::new(ReloadableServerConfig::new(files.clone())?)),
+            None => None,
+        };
+        let (proxy_listener, proxy_address) = bind(settings.listen).await?;
+        let (admin_listener, admin_address) = bind(settings.admin_listen).await?;
         let (capture, collector) = match &settings.capture {
             Some(capture) => {
                 let runtime = CaptureRuntime::start(capture, &settings.proxy.service, &metrics)

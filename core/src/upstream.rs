@@ -1,5 +1,8 @@
 //! The upstream client: one scoring endpoint, reached over HTTP/1.1 or HTTP/2, plain or TLS,
-//! through a pool of kept-alive connections.
+//! through a pool of kept-alive connections, at most `--upstream-max-connections` of them open
+//! at once ([`connection_limit`]).
+
+mod connection_limit;
 
 use std::path::PathBuf;
 use std::task::{Context, Poll};
@@ -13,7 +16,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::connection_limit::LimitedConnector;
 use crate::error::{error_chain, is_timeout, ProxyError};
+use crate::metrics::UpstreamConnectionMetrics;
 use crate::tls::{upstream_client_config, TlsError};
 
 /// The body type sent upstream: the client's body, cut at the body limit, forwarded as it
@@ -47,7 +52,13 @@ pub struct UpstreamSettings {
     /// keep-alive timeout, so the proxy never reuses a connection the upstream is closing).
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Upstream connections open at once (idle, busy or upgraded); past it a request waits for
+    /// one, within `connect_timeout`.
+    pub max_connections: usize,
 }
+
+/// The default `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Errors building the upstream client.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +92,7 @@ impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for FixedTarget
     }
 }
 
-type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
+type Connector = FixedTarget<HttpsConnector<LimitedConnector<HttpConnector>>>;
 
 /// The most an upstream HTTP/1.1 connection buffers, each way (hyper's minimum is 8 KiB): the
 /// request body frames queued for writing, and the response head (nginx's `proxy_buffer_size`
@@ -104,7 +115,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
+    pub fn new(
+        settings: &UpstreamSettings,
+        metrics: UpstreamConnectionMetrics,
+    ) -> Result<Self, UpstreamError> {
         let invalid = || UpstreamError::InvalidUrl(settings.url.to_string());
         let scheme = settings.url.scheme().cloned().ok_or_else(invalid)?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
@@ -119,6 +133,14 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        // The cap is taken before dialing, under TLS: the wait and the TCP connect share the
+        // connect timeout.
+        let http = LimitedConnector::new(
+            http,
+            settings.max_connections,
+            settings.connect_timeout,
+            metrics,
+        );
         let tls = upstream_client_config(settings.ca_file.as_deref())?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -272,16 +294,24 @@ mod tests {
             response_header_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_host: 8,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
+    }
+
+    fn upstream_for(url: &str) -> Result<Upstream, UpstreamError> {
+        Upstream::new(
+            &settings(url),
+            crate::metrics::Metrics::disabled().upstream_connections(),
+        )
     }
 
     #[tokio::test]
     async fn target_uri_joins_the_base_path() {
-        let upstream = Upstream::new(&settings("http://127.0.0.1:5001/api/")).expect("upstream");
+        let upstream = upstream_for("http://127.0.0.1:5001/api/").expect("upstream");
         let path = PathAndQuery::from_static("/score?x=1");
         let uri = upstream.target_uri(Some(&path), None).expect("uri");
         assert_eq!(uri.to_string(), "http://127.0.0.1:5001/api/score?x=1");
-        let plain = Upstream::new(&settings("http://127.0.0.1:5001")).expect("upstream");
+        let plain = upstream_for("http://127.0.0.1:5001").expect("upstream");
         assert_eq!(
             plain
                 .target_uri(Some(&path), None)
@@ -294,6 +324,6 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_other_schemes() {
-        assert!(Upstream::new(&settings("ftp://example.com/")).is_err());
+        assert!(upstream_for("ftp://example.com/").is_err());
     }
 }

@@ -213,6 +213,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             response_header_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle_per_host: 8,
+            max_connections: scoretap_core::upstream::DEFAULT_MAX_CONNECTIONS,
         },
         proxy: ProxySettings {
             service: "demo-model".into(),

@@ -4,6 +4,7 @@
 //! the real binary.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use scoretap_tests::harness::proxy_for;
@@ -144,4 +145,131 @@ async fn streams_in_flight_finish_after_the_too_many_cancellations_goaway_and_th
     .await
     .unwrap()
     .ok();
+}
+
+// ---------------------------------------------------------------- upstream connections
+
+/// The most connections `up` had open at once while `work` ran (sampled every 2 ms).
+async fn most_open_during<F: std::future::Future>(
+    up: &TestUpstream,
+    work: F,
+) -> (usize, F::Output) {
+    let most = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    let sample = async {
+        while !done.load(Ordering::SeqCst) {
+            most.fetch_max(up.open_connections(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let work = async {
+        let output = work.await;
+        done.store(true, Ordering::SeqCst);
+        output
+    };
+    let ((), output) = tokio::join!(sample, work);
+    (most.load(Ordering::SeqCst), output)
+}
+
+/// One HTTP/2 client connection can carry hundreds of concurrent requests, and each needs an
+/// HTTP/1.1 upstream connection of its own: nothing capped them, so one client could make
+/// scoretap open hundreds. With `--upstream-max-connections 4` (set here as its variable
+/// `SCORETAP_UPSTREAM_MAX_CONNECTIONS`), 16 concurrent slow requests share 4 upstream
+/// connections: the rest wait for one, and all are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_capped_and_requests_wait_for_one() {
+    let up = TestUpstream::start_proto(UpstreamProto::H1).await;
+    let proxy = Scoretap::builder()
+        .upstream(&up.url())
+        .env("SCORETAP_UPSTREAM_MAX_CONNECTIONS", "4")
+        .start()
+        .await;
+    let (client, _connection) = h2_client(proxy.addr).await;
+    let requests = (0..16).map(|index| {
+        let mut client = client.clone();
+        async move {
+            std::future::poll_fn(|context| client.poll_ready(context))
+                .await
+                .unwrap();
+            let (response, _) = client
+                .send_request(h2_get(&format!("/delay?ms=300&t=capped-{index}")), true)
+                .unwrap();
+            h2_response(response).await
+        }
+    });
+    let (most_open, answers) = most_open_during(
+        &up,
+        within(
+            Duration::from_secs(20),
+            "16 requests",
+            futures_util::future::join_all(requests),
+        ),
+    )
+    .await;
+    let accepted = up.accepted_connections();
+    for answer in &answers {
+        let (status, body) = answer.as_ref().unwrap();
+        assert_eq!(
+            (*status, String::from_utf8_lossy(body).into_owned()),
+            (http::StatusCode::OK, "delayed 300".to_owned())
+        );
+    }
+    assert!(
+        most_open <= 4 && accepted <= 4,
+        "the upstream had {most_open} connections open at once ({accepted} accepted)"
+    );
+    let metrics = scrape(proxy.admin).await;
+    let waits = metrics.value("scoretap_upstream_connection_waits_total", &[]);
+    assert!(
+        waits > 0.0,
+        "scoretap_upstream_connection_waits_total {waits}"
+    );
+    let open = metrics.value("scoretap_upstream_connections", &[]);
+    assert!(
+        (1.0..=4.0).contains(&open),
+        "scoretap_upstream_connections {open}"
+    );
+}
+
+/// Waiting for an upstream connection counts against `--connect-timeout`: a request that gets
+/// none in time is answered 504 `upstream_connect_timeout`, as if the connect itself had taken
+/// too long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_gets_no_upstream_connection_in_time_gets_504() {
+    let up = TestUpstream::start_proto(UpstreamProto::H1).await;
+    let proxy = Scoretap::builder()
+        .upstream(&up.url())
+        .args(["--connect-timeout", "300ms"])
+        .env("SCORETAP_UPSTREAM_MAX_CONNECTIONS", "1")
+        .start()
+        .await;
+    let mut holding = Client::connect(proxy.addr, Proto::H1).await;
+    let held = tokio::spawn(async move { holding.get("/delay?ms=3000&t=holding").await });
+    up.wait_path("t=holding").await;
+    let mut waiting = Client::connect(proxy.addr, Proto::H1).await;
+    let asked = Instant::now();
+    let answer = waiting.get("/ok?t=waiting").await;
+    let took = asked.elapsed();
+    assert_eq!(
+        answer.status,
+        504,
+        "with the only upstream connection busy: {} {}",
+        answer.status,
+        answer.text()
+    );
+    assert_eq!(answer.json()["error"], "upstream_connect_timeout");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "answered after {took:?}"
+    );
+    assert!(up
+        .find(|r| r.path_and_query().contains("t=waiting"))
+        .is_none());
+    assert_eq!(
+        within(STEP, "the first request", held)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
 }
