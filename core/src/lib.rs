@@ -5,6 +5,7 @@
 //! - [`penalty`]: connections from peers that abused HTTP/2 wait before they are served;
 //! - [`proxy`]: a request's life as named phases;
 //! - [`upstream`]: the pooled client to the scoring endpoint;
+//! - [`tunnel`]: upgraded connections (WebSocket), joined to the upstream's and timed out idle;
 //! - [`headers`]: hop-by-hop, forwarding, `via` and correlation-id rules;
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
 //! - [`body`]: the response body type;
@@ -42,6 +43,7 @@ pub mod sink;
 pub mod storage;
 pub mod tee;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 pub use error::{ErrorOrigin, ProxyError};

@@ -23,7 +23,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::body::ResponseBody;
 use crate::capture::Capture;
@@ -35,6 +34,7 @@ use crate::headers::{
 use crate::metrics::{Metrics, UpstreamResult};
 use crate::returnable::ReturnableBody;
 use crate::tee::{BodyMeter, TeeBody};
+use crate::tunnel::ClientUpgrade;
 use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
 
 /// The body of every response scoretap sends: the answer, teed to capture.
@@ -92,7 +92,7 @@ struct CheckedRequest {
     /// The host the client addressed (absolute-form authority, `:authority`, or `Host`).
     client_host: Option<HeaderValue>,
     /// A protocol upgrade the proxy will carry out end to end.
-    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upgrade: Option<ClientUpgrade>,
 }
 
 impl Proxy {
@@ -286,9 +286,15 @@ impl Proxy {
                 "an HTTP/1.1 request must carry a Host header field",
             ));
         }
-        let upgrade = (self.upstream.protocol() == UpstreamProtocol::Http1
-            && is_upgrade_request(request.version(), request.headers()))
-        .then(|| hyper::upgrade::on(&mut *request));
+        // Carried out when the client's connection can hold the tunnel (the server hands each
+        // upgrade request a place for it); otherwise forwarded as a plain request.
+        let upgrade = if self.upstream.protocol() == UpstreamProtocol::Http1
+            && is_upgrade_request(request.version(), request.headers())
+        {
+            ClientUpgrade::of(request)
+        } else {
+            None
+        };
         Ok(CheckedRequest {
             client_host,
             upgrade,
@@ -361,7 +367,7 @@ impl Proxy {
         mut response: Response<Incoming>,
         correlation_id: &HeaderValue,
         client_version: Version,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<ClientUpgrade>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -371,8 +377,7 @@ impl Proxy {
                     "the upstream switched protocols without being asked".into(),
                 ));
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            client_upgrade.switched(hyper::upgrade::on(&mut response));
         }
         let upstream_version = response.version();
         let (mut parts, body) = response.into_parts();
@@ -400,23 +405,6 @@ impl Proxy {
             header_ms = started.elapsed().as_secs_f64() * 1000.0,
             "response headers sent"
         );
-    }
-}
-
-/// Copies bytes both ways between an upgraded client connection and the upstream's.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = tokio::join!(client, upstream);
-    match (client, upstream) {
-        (Ok(client), Ok(upstream)) => {
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!("upgraded connection ended: {error}");
-            }
-        }
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::debug!("protocol upgrade failed: {error}");
-        }
     }
 }
 

@@ -24,11 +24,12 @@ use self::guard::{CancelAllowance, ConnectionGuard, Expiry, GuardLimits, Guarded
 
 use crate::admin::AdminState;
 use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
-use crate::headers::Downstream;
+use crate::headers::{is_upgrade_request, Downstream};
 use crate::metrics::Metrics;
 use crate::penalty::{AbusePenalty, Admission};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{ReloadableServerConfig, ServerCertificateFiles, TlsError};
+use crate::tunnel::TunnelHandoff;
 use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -103,6 +104,16 @@ impl Default for Limits {
             abuse_delay: Duration::from_millis(50),
         }
     }
+}
+
+/// Where the server is in its life, as its connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutting down: connections finish what is in flight, up to the drain deadline.
+    Draining,
+    /// The drain deadline has passed: what is still open is closed (tunnels).
+    Stopping,
 }
 
 /// Everything needed to start scoretap's listeners.
@@ -272,7 +283,7 @@ impl BoundServer {
 
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let mut refused = RefusedConnections::default();
-        let (drain, draining) = watch::channel(false);
+        let (phase, phase_seen) = watch::channel(Phase::Serving);
         // Every connection task holds a clone; `recv` returns `None` once all have ended.
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         tokio::pin!(shutdown);
@@ -288,7 +299,7 @@ impl BoundServer {
                                 tls: self.tls.clone(),
                                 limits: self.limits.clone(),
                                 penalty: self.penalty.clone(),
-                                draining: draining.clone(),
+                                phase: phase_seen.clone(),
                                 _alive: alive.clone(),
                             };
                             tokio::spawn(connection.serve(stream, peer, slot));
@@ -315,13 +326,14 @@ impl BoundServer {
             "draining"
         );
         // Receivers may all be gone already (no connection open): nothing to tell then.
-        let _ = drain.send(true);
+        let _ = phase.send(Phase::Draining);
         drop(alive);
         if tokio::time::timeout(self.drain_timeout, all_ended.recv())
             .await
             .is_err()
         {
-            tracing::warn!("drain deadline reached with requests still in flight");
+            tracing::warn!("drain deadline reached with requests or tunnels still open");
+            let _ = phase.send(Phase::Stopping);
         }
         if let Some(collector) = self.collector {
             collector.stop(COLLECTOR_STOP_DEADLINE).await;
@@ -422,9 +434,9 @@ struct Connection {
     tls: Option<Arc<ReloadableServerConfig>>,
     limits: Limits,
     penalty: Arc<AbusePenalty>,
-    /// Turns true when scoretap starts draining.
-    draining: watch::Receiver<bool>,
-    /// Dropped when the connection ends (see `BoundServer::run`).
+    /// Where the server is: draining, then stopping.
+    phase: watch::Receiver<Phase>,
+    /// Dropped when the connection ends, upgraded tunnel included (see `BoundServer::run`).
     _alive: mpsc::Sender<()>,
 }
 
@@ -493,15 +505,20 @@ impl Connection {
             idle: self.limits.idle_timeout,
             cancelled_streams: CancelAllowance::for_streams(self.limits.max_concurrent_streams),
         });
+        // The slot is held by the connection's bytes: by an upgraded tunnel as well.
         let io = GuardedIo::new(stream, guard.clone(), slot, self.limits.max_header_bytes);
+        let tunnels = TunnelHandoff::default();
         let service = {
             let guard = guard.clone();
             let proxy = self.proxy.clone();
-            service_fn(move |request: Request<Incoming>| {
+            let tunnels = tunnels.clone();
+            service_fn(move |mut request: Request<Incoming>| {
                 let proxy = proxy.clone();
                 let (in_flight, violation) = guard.request_started();
+                if is_upgrade_request(request.version(), request.headers()) {
+                    request.extensions_mut().insert(tunnels.clone());
+                }
                 async move {
-                    let mut request = request;
                     if let Some(violation) = violation {
                         request.extensions_mut().insert(violation);
                     }
@@ -531,10 +548,21 @@ impl Connection {
                     {
                         self.penalty.strike(downstream.peer);
                     }
+                    // hyper has given up an upgraded connection's bytes: its tunnel is carried
+                    // here, so that it holds what the connection held.
+                    if let Some(tunnel) = tunnels.take().filter(|_| result.is_ok()) {
+                        tokio::select! {
+                            () = tunnel.run(self.limits.idle_timeout) => {}
+                            Ok(()) = async {
+                                self.phase.wait_for(|&phase| phase == Phase::Stopping).await.map(drop)
+                            } => tracing::debug!(peer = %downstream.peer, "upgraded connection closed at the drain deadline"),
+                        }
+                    }
                     return result;
                 }
-                Ok(()) = async { self.draining.wait_for(|&draining| draining).await.map(drop) },
-                    if !shutting_down => {
+                Ok(()) = async {
+                    self.phase.wait_for(|&phase| phase != Phase::Serving).await.map(drop)
+                }, if !shutting_down => {
                     shutting_down = true;
                     connection.as_mut().graceful_shutdown();
                 }

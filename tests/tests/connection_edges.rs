@@ -4,14 +4,19 @@
 //! the real binary.
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scoretap_tests::harness::proxy_for;
 use scoretap_tests::hostile::{h2_client, h2_get};
 use scoretap_tests::metrics::scrape;
+use scoretap_tests::raw::request_bytes;
 use scoretap_tests::util::eventually;
 use scoretap_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 // ---------------------------------------------------------------- HTTP/2 cancellations
 
@@ -271,5 +276,241 @@ async fn a_request_that_gets_no_upstream_connection_in_time_gets_504() {
             .unwrap()
             .status,
         200
+    );
+}
+
+// ---------------------------------------------------------------- upgraded connections
+
+/// An upstream that switches protocols (101) for every request carrying `Upgrade`, then echoes
+/// the tunnel's bytes; any other request gets 200 `ok` and a close. It counts the tunnels closed
+/// from scoretap's side.
+struct UpgradeUpstream {
+    addr: SocketAddr,
+    tunnels_closed: Arc<AtomicUsize>,
+}
+
+impl UpgradeUpstream {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tunnels_closed = Arc::new(AtomicUsize::new(0));
+        let closed = tunnels_closed.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(tcp, closed.clone()));
+            }
+        });
+        Self {
+            addr,
+            tunnels_closed,
+        }
+    }
+
+    async fn serve(mut tcp: TcpStream, closed: Arc<AtomicUsize>) {
+        let mut head = Vec::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buffer[..n]),
+            }
+        }
+        if !String::from_utf8_lossy(&head)
+            .to_ascii_lowercase()
+            .contains("\r\nupgrade:")
+        {
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await;
+            return;
+        }
+        if tcp
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            )
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tcp.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        closed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn tunnels_closed(&self) -> usize {
+        self.tunnels_closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Upgrades a new connection to scoretap (a WebSocket handshake) and checks a round trip.
+async fn open_tunnel(addr: SocketAddr) -> RawConn {
+    let mut conn = RawConn::connect(addr).await;
+    conn.send(&request_bytes(
+        "GET /socket HTTP/1.1",
+        &[
+            ("Host", "app.example"),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+        b"",
+    ))
+    .await;
+    let response = within(STEP, "101", conn.read_response(false)).await;
+    assert_eq!(response.status(), 101, "{:?}", response.head);
+    assert_round_trip(&mut conn, b"hello").await;
+    conn
+}
+
+/// Sends `message` through the tunnel and reads its echo.
+async fn assert_round_trip(conn: &mut RawConn, message: &[u8]) {
+    conn.try_send(message)
+        .await
+        .unwrap_or_else(|error| panic!("sending through the tunnel: {error}"));
+    let echo = within(STEP, "the echo", conn.read_exact(message.len())).await;
+    assert_eq!(
+        echo,
+        message,
+        "the tunnel's echo of {:?}",
+        String::from_utf8_lossy(message)
+    );
+}
+
+/// An upgraded connection on which no byte moves either way for `--idle-timeout` is closed on
+/// both sides (before, such a tunnel stayed open for ever, as did its upstream connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_on_both_sides_after_the_idle_timeout() {
+    let up = UpgradeUpstream::start().await;
+    let proxy = Scoretap::start(&up.url(), &["--idle-timeout", "1s"]).await;
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    // Bytes moving keep it open past the timeout.
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_round_trip(&mut tunnel, format!("round {round}").as_bytes()).await;
+    }
+    let quiet = Instant::now();
+    assert!(
+        tunnel.closed_within(Duration::from_secs(4)).await,
+        "a tunnel idle for 4 s with --idle-timeout 1s is still open"
+    );
+    let closed_after = quiet.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_millis(2500),
+        "closed {closed_after:?} after the last byte"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || up.tunnels_closed() == 1).await,
+        "the upstream side of the tunnel is still open"
+    );
+}
+
+/// A tunnel holds its client connection's slot of `--max-connections` while it is open, and
+/// gives it back when it is closed for idleness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_tunnel_gives_back_its_connection_slot() {
+    let up = UpgradeUpstream::start().await;
+    let proxy = Scoretap::start(
+        &up.url(),
+        &["--idle-timeout", "1s", "--max-connections", "1"],
+    )
+    .await;
+    // The start-up check's connection may hold the slot a moment longer.
+    assert_eq!(
+        served_within(proxy.addr, Duration::from_secs(2)).await,
+        Some(200)
+    );
+    let mut tunnel = open_tunnel(proxy.addr).await;
+    let mut refused = RawConn::connect(proxy.addr).await;
+    assert!(
+        refused.closed_within(Duration::from_millis(500)).await,
+        "a second connection was kept while the tunnel holds the only slot"
+    );
+    assert!(
+        tunnel.closed_within(Duration::from_secs(4)).await,
+        "the idle tunnel was not closed"
+    );
+    assert_eq!(
+        served_within(proxy.addr, Duration::from_secs(2)).await,
+        Some(200),
+        "no connection served after the tunnel was closed"
+    );
+}
+
+/// The status of a GET on a new connection, tried until one is answered or `limit` passes (a
+/// connection refused at `--max-connections` is closed without an answer).
+async fn served_within(addr: SocketAddr, limit: Duration) -> Option<u16> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut conn = RawConn::connect(addr).await;
+        conn.send(b"GET /ok HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await;
+        let served = conn.try_read_response(false).await.map(|r| r.status());
+        if served.is_some() || Instant::now() >= deadline {
+            return served;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// At SIGTERM an upgraded connection is waited for like a request in flight: bytes keep flowing
+/// through it while scoretap drains, and it is closed at `--drain-timeout`, when scoretap exits
+/// (an idle tunnel too). Before, the tunnel was not counted: scoretap exited at once, cutting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_waits_for_tunnels_and_closes_them_at_the_deadline() {
+    let up = UpgradeUpstream::start().await;
+    let mut proxy = Scoretap::start(&up.url(), &["--drain-timeout", "3s"]).await;
+    let mut active = open_tunnel(proxy.addr).await;
+    let mut idle = open_tunnel(proxy.addr).await;
+    let signalled = Instant::now();
+    proxy.sigterm();
+    while signalled.elapsed() < Duration::from_millis(2300) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let message = format!("{} ms after SIGTERM", signalled.elapsed().as_millis());
+        if active.try_send(message.as_bytes()).await.is_err() {
+            panic!("the tunnel was cut {message}, before the 3 s drain deadline");
+        }
+        let echo = within(
+            Duration::from_secs(1),
+            "the echo",
+            active.read_exact(message.len()),
+        )
+        .await;
+        assert_eq!(
+            String::from_utf8_lossy(&echo),
+            message,
+            "the tunnel was cut {message}, before the 3 s drain deadline"
+        );
+    }
+    let status = proxy.wait_exit(Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(
+        took >= Duration::from_millis(2800) && took < Duration::from_secs(5),
+        "scoretap exited {took:?} after SIGTERM with --drain-timeout 3s and tunnels open"
+    );
+    for (name, tunnel) in [("active", &mut active), ("idle", &mut idle)] {
+        assert!(
+            tunnel.closed_within(Duration::from_secs(1)).await,
+            "the {name} tunnel is open after scoretap exited"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(2), || up.tunnels_closed() == 2).await,
+        "{} of 2 tunnels closed at the upstream",
+        up.tunnels_closed()
     );
 }
