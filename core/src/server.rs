@@ -504,6 +504,7 @@ impl Connection {
             header_read: self.limits.header_read_timeout,
             idle: self.limits.idle_timeout,
             cancelled_streams: CancelAllowance::for_streams(self.limits.max_concurrent_streams),
+            goaway_grace: GOAWAY_GRACE,
         });
         // The slot is held by the connection's bytes: by an upgraded tunnel as well.
         let io = GuardedIo::new(stream, guard.clone(), slot, self.limits.max_header_bytes);
@@ -535,8 +536,6 @@ impl Connection {
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let mut shutting_down = false;
-        // When the guard had the connection sent GOAWAY.
-        let mut goaway_sent: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
@@ -566,7 +565,7 @@ impl Connection {
                     shutting_down = true;
                     connection.as_mut().graceful_shutdown();
                 }
-                expiry = guard.expired(), if goaway_sent.is_none() => match expiry {
+                expiry = guard.expired() => match expiry {
                     Expiry::Close => return Ok(()),
                     Expiry::GoAway | Expiry::CancelledTooMany => {
                         // hyper's graceful GOAWAY says NO_ERROR: the client may open no new
@@ -578,16 +577,12 @@ impl Connection {
                             tracing::debug!(peer = %downstream.peer, "HTTP/2 client cancelled too many streams, sending GOAWAY");
                         }
                         connection.as_mut().graceful_shutdown();
-                        goaway_sent = Some(tokio::time::Instant::now());
+                        // From now on the guard gives the connection its grace to close by
+                        // itself once no stream is left (and drops it at once if the client goes
+                        // on cancelling past its allowance).
+                        guard.went_away();
                     }
                 },
-                // A client that keeps the connection open with no stream left is dropped.
-                () = async {
-                    match goaway_sent {
-                        Some(sent) => guard.quiet_for(GOAWAY_GRACE, sent).await,
-                        None => std::future::pending().await,
-                    }
-                } => return Ok(()),
             }
         }
     }
