@@ -6,6 +6,7 @@
 //! - [`proxy`]: a request's life as named phases;
 //! - [`progress`]: an exchange's progress, and the body idle timeout that ends a stalled one;
 //! - [`upstream`]: the pooled client to the scoring endpoint;
+//! - [`tunnel`]: upgraded connections (WebSocket), joined to the upstream's and timed out idle;
 //! - [`headers`]: hop-by-hop, forwarding, `via` and correlation-id rules;
 //! - [`host`]: the `Host` grammar;
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
@@ -46,6 +47,7 @@ pub mod sink;
 pub mod storage;
 pub mod tee;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 pub use error::{ErrorOrigin, ProxyError};

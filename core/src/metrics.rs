@@ -33,6 +33,8 @@ pub mod names {
     pub const STORAGE_DURATION: &str = "scoretap_storage_duration_seconds";
     pub const SPOOL_BYTES: &str = "scoretap_spool_bytes";
     pub const CONNECTIONS_DELAYED: &str = "scoretap_connections_delayed_total";
+    pub const UPSTREAM_CONNECTIONS: &str = "scoretap_upstream_connections";
+    pub const UPSTREAM_CONNECTION_WAITS: &str = "scoretap_upstream_connection_waits_total";
 }
 
 /// Latency buckets for scoring: sub-millisecond to a minute.
@@ -122,6 +124,15 @@ pub struct StorageMetrics {
     pub write_duration: Histogram,
 }
 
+/// The upstream connections under `--upstream-max-connections`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConnectionMetrics {
+    /// Upstream connections open now.
+    pub open: Gauge,
+    /// Requests that found no idle connection and the cap reached, and waited for a connection.
+    pub waits: Counter,
+}
+
 /// Pre-registered handles for every series.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -141,6 +152,7 @@ pub struct Metrics {
     spill_bytes: Vec<Counter>,
     spool_bytes: Gauge,
     connections_delayed: Counter,
+    upstream_connections: UpstreamConnectionMetrics,
 }
 
 static METADATA: Metadata<'static> =
@@ -260,6 +272,10 @@ impl Metrics {
                 .collect(),
             spool_bytes: gauge(names::SPOOL_BYTES),
             connections_delayed: counter(names::CONNECTIONS_DELAYED, &[]),
+            upstream_connections: UpstreamConnectionMetrics {
+                open: gauge(names::UPSTREAM_CONNECTIONS),
+                waits: counter(names::UPSTREAM_CONNECTION_WAITS, &[]),
+            },
         };
         // Series that only ever move later still show from the first scrape.
         for counter in &metrics.spill_bytes {
@@ -267,6 +283,8 @@ impl Metrics {
         }
         metrics.spool_bytes.set(0.0);
         metrics.connections_delayed.absolute(0);
+        metrics.upstream_connections.open.set(0.0);
+        metrics.upstream_connections.waits.absolute(0);
         metrics
     }
 
@@ -318,6 +336,11 @@ impl Metrics {
         self.upstream_duration.record(seconds);
     }
 
+    /// The upstream connections' gauge and waits counter.
+    pub fn upstream_connections(&self) -> UpstreamConnectionMetrics {
+        self.upstream_connections.clone()
+    }
+
     /// A connection waited before it was served ([`crate::penalty`]).
     pub fn connection_delayed(&self) {
         self.connections_delayed.increment(1);
@@ -345,7 +368,7 @@ impl Metrics {
 }
 
 fn describe(recorder: &dyn Recorder) {
-    let counters: [(&'static str, &'static str, Option<Unit>); 8] = [
+    let counters: [(&'static str, &'static str, Option<Unit>); 9] = [
         (
             names::REQUESTS,
             "Exchanges answered, by method and status class (the proxy's own errors included).",
@@ -386,6 +409,11 @@ fn describe(recorder: &dyn Recorder) {
             "Client connections made to wait before being served, their peer having been cut off for HTTP/2 abuse.",
             None,
         ),
+        (
+            names::UPSTREAM_CONNECTION_WAITS,
+            "Requests that found no idle upstream connection and no room under --upstream-max-connections for a new one, and waited for a connection.",
+            None,
+        ),
     ];
     for (name, help, unit) in counters {
         recorder.describe_counter(KeyName::from_const_str(name), unit, help.into());
@@ -420,7 +448,7 @@ fn describe(recorder: &dyn Recorder) {
     for (name, help, unit) in histograms {
         recorder.describe_histogram(KeyName::from_const_str(name), Some(unit), help.into());
     }
-    let gauges: [(&'static str, &'static str, Option<Unit>); 4] = [
+    let gauges: [(&'static str, &'static str, Option<Unit>); 5] = [
         (
             names::BUILD_INFO,
             "Always 1; the version label says which build runs.",
@@ -440,6 +468,11 @@ fn describe(recorder: &dyn Recorder) {
             names::SPOOL_BYTES,
             "Bytes waiting in the local spool for upload.",
             Some(Unit::Bytes),
+        ),
+        (
+            names::UPSTREAM_CONNECTIONS,
+            "Connections to the scoring endpoint open now (at most --upstream-max-connections).",
+            None,
         ),
     ];
     for (name, help, unit) in gauges {
@@ -467,6 +500,8 @@ mod tests {
             names::SPILL_BYTES,
             names::STORAGE_REQUESTS,
             names::SPOOL_BYTES,
+            names::UPSTREAM_CONNECTIONS,
+            names::UPSTREAM_CONNECTION_WAITS,
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

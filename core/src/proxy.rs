@@ -23,7 +23,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::body::ResponseBody;
 use crate::capture::Capture;
@@ -37,6 +36,7 @@ use crate::metrics::{Metrics, UpstreamResult};
 use crate::progress::{ClientStall, ExchangeProgress, IdleLimitedBody, ProgressBody};
 use crate::returnable::ReturnableBody;
 use crate::tee::{BodyMeter, TeeBody};
+use crate::tunnel::ClientUpgrade;
 use crate::upstream::{Upstream, UpstreamProtocol, UpstreamRequestBody};
 
 /// The body of every response scoretap sends: the answer, teed to capture.
@@ -94,7 +94,7 @@ struct CheckedRequest {
     /// The host the client addressed (absolute-form authority, `:authority`, or `Host`).
     client_host: Option<HeaderValue>,
     /// A protocol upgrade the proxy will carry out end to end.
-    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upgrade: Option<ClientUpgrade>,
 }
 
 impl Proxy {
@@ -354,9 +354,15 @@ impl Proxy {
                 "an HTTP/1.1 request must carry a Host header field",
             ));
         }
-        let upgrade = (self.upstream.protocol() == UpstreamProtocol::Http1
-            && is_upgrade_request(request.version(), request.headers()))
-        .then(|| hyper::upgrade::on(&mut *request));
+        // Carried out when the client's connection can hold the tunnel (the server hands each
+        // upgrade request a place for it); otherwise forwarded as a plain request.
+        let upgrade = if self.upstream.protocol() == UpstreamProtocol::Http1
+            && is_upgrade_request(request.version(), request.headers())
+        {
+            ClientUpgrade::of(request)
+        } else {
+            None
+        };
         Ok(CheckedRequest {
             client_host,
             upgrade,
@@ -440,7 +446,7 @@ impl Proxy {
         mut response: Response<Incoming>,
         correlation_id: &HeaderValue,
         client_version: Version,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<ClientUpgrade>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -450,8 +456,7 @@ impl Proxy {
                     "the upstream switched protocols without being asked".into(),
                 ));
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            client_upgrade.switched(hyper::upgrade::on(&mut response));
         }
         let upstream_version = response.version();
         let (mut parts, body) = response.into_parts();
@@ -489,23 +494,6 @@ impl Proxy {
 /// DATA without `content-length` from an HTTP/2 client.
 fn is_of_unknown_length(body: &impl Body) -> bool {
     !body.is_end_stream() && body.size_hint().exact().is_none()
-}
-
-/// Copies bytes both ways between an upgraded client connection and the upstream's.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = tokio::join!(client, upstream);
-    match (client, upstream) {
-        (Ok(client), Ok(upstream)) => {
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!("upgraded connection ended: {error}");
-            }
-        }
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::debug!("protocol upgrade failed: {error}");
-        }
-    }
 }
 
 /// The request body limit of one exchange, and whether the body went past it.

@@ -24,12 +24,13 @@ use self::guard::{CancelAllowance, ConnectionGuard, Expiry, GuardLimits, Guarded
 
 use crate::admin::AdminState;
 use crate::capture::{CaptureRuntime, CaptureSettings, CollectorStopper};
-use crate::headers::Downstream;
+use crate::headers::{is_upgrade_request, Downstream};
 use crate::metrics::Metrics;
 use crate::penalty::{AbusePenalty, Admission};
 use crate::progress::ClientStall;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::tls::{ReloadableServerConfig, ServerCertificateFiles, TlsError};
+use crate::tunnel::TunnelHandoff;
 use crate::upstream::{Upstream, UpstreamError, UpstreamSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -44,7 +45,8 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams hyper may reset itself for a client's protocol errors before it sends GOAWAY
 /// (RUSTSEC-2024-0003; hyper's own default, made explicit).
 const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// How long an idle HTTP/2 connection has to close after its GOAWAY before it is dropped.
+/// How long an HTTP/2 connection sent GOAWAY has to close by itself, once no stream is left in
+/// flight on it, before it is dropped.
 const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 /// At most one warning per this interval about connections refused at `--max-connections`.
 const REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -77,14 +79,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`. It also sets how many started streams a
     /// client may cancel: twice this many at once, refilled at this many a second; past it the
-    /// connection gets GOAWAY and the peer a strike.
+    /// connection gets GOAWAY (its streams in flight may finish).
     pub max_concurrent_streams: u32,
     /// HTTP/2 streams a client may open and reset before scoretap has accepted them; past it
     /// GOAWAY `ENHANCE_YOUR_CALM` (rapid reset, CVE-2023-44487).
     pub h2_max_pending_reset_streams: usize,
-    /// How long the next connection of a peer cut off with `ENHANCE_YOUR_CALM` (or for
-    /// cancelling too many streams) waits before it is served, doubling per repeat up to a
-    /// second ([`crate::penalty`]); zero switches it off.
+    /// How long the next connection of a peer cut off with `ENHANCE_YOUR_CALM` waits before it
+    /// is served, doubling per repeat up to a second ([`crate::penalty`]); zero switches it off.
     pub abuse_delay: Duration,
 }
 
@@ -104,6 +105,16 @@ impl Default for Limits {
             abuse_delay: Duration::from_millis(50),
         }
     }
+}
+
+/// Where the server is in its life, as its connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutting down: connections finish what is in flight, up to the drain deadline.
+    Draining,
+    /// The drain deadline has passed: what is still open is closed (tunnels).
+    Stopping,
 }
 
 /// Everything needed to start scoretap's listeners.
@@ -182,19 +193,19 @@ async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), StartErr
 impl BoundServer {
     /// Builds the upstream client, loads the certificate, and binds both listeners.
     pub async fn bind(settings: ServerSettings) -> Result<Self, StartError> {
-        let upstream = Upstream::new(&settings.upstream)?;
-        let tls = match &settings.tls {
-            Some(files) => Some(Arc::new(ReloadableServerConfig::new(files.clone())?)),
-            None => None,
-        };
-        let (proxy_listener, proxy_address) = bind(settings.listen).await?;
-        let (admin_listener, admin_address) = bind(settings.admin_listen).await?;
         let (metrics, prometheus) = if settings.metrics {
             let (metrics, handle) = Metrics::prometheus().map_err(StartError::Metrics)?;
             (metrics, Some(handle))
         } else {
             (Metrics::disabled(), None)
         };
+        let upstream = Upstream::new(&settings.upstream, metrics.upstream_connections())?;
+        let tls = match &settings.tls {
+            Some(files) => Some(Arc::new(ReloadableServerConfig::new(files.clone())?)),
+            None => None,
+        };
+        let (proxy_listener, proxy_address) = bind(settings.listen).await?;
+        let (admin_listener, admin_address) = bind(settings.admin_listen).await?;
         let (capture, collector) = match &settings.capture {
             Some(capture) => {
                 let runtime = CaptureRuntime::start(capture, &settings.proxy.service, &metrics)
@@ -273,7 +284,7 @@ impl BoundServer {
 
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let mut refused = RefusedConnections::default();
-        let (drain, draining) = watch::channel(false);
+        let (phase, phase_seen) = watch::channel(Phase::Serving);
         // Every connection task holds a clone; `recv` returns `None` once all have ended.
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
         tokio::pin!(shutdown);
@@ -289,7 +300,7 @@ impl BoundServer {
                                 tls: self.tls.clone(),
                                 limits: self.limits.clone(),
                                 penalty: self.penalty.clone(),
-                                draining: draining.clone(),
+                                phase: phase_seen.clone(),
                                 _alive: alive.clone(),
                             };
                             tokio::spawn(connection.serve(stream, peer, slot));
@@ -316,13 +327,14 @@ impl BoundServer {
             "draining"
         );
         // Receivers may all be gone already (no connection open): nothing to tell then.
-        let _ = drain.send(true);
+        let _ = phase.send(Phase::Draining);
         drop(alive);
         if tokio::time::timeout(self.drain_timeout, all_ended.recv())
             .await
             .is_err()
         {
-            tracing::warn!("drain deadline reached with requests still in flight");
+            tracing::warn!("drain deadline reached with requests or tunnels still open");
+            let _ = phase.send(Phase::Stopping);
         }
         if let Some(collector) = self.collector {
             collector.stop(COLLECTOR_STOP_DEADLINE).await;
@@ -423,9 +435,9 @@ struct Connection {
     tls: Option<Arc<ReloadableServerConfig>>,
     limits: Limits,
     penalty: Arc<AbusePenalty>,
-    /// Turns true when scoretap starts draining.
-    draining: watch::Receiver<bool>,
-    /// Dropped when the connection ends (see `BoundServer::run`).
+    /// Where the server is: draining, then stopping.
+    phase: watch::Receiver<Phase>,
+    /// Dropped when the connection ends, upgraded tunnel included (see `BoundServer::run`).
     _alive: mpsc::Sender<()>,
 }
 
@@ -494,8 +506,10 @@ impl Connection {
             idle: self.limits.idle_timeout,
             cancelled_streams: CancelAllowance::for_streams(self.limits.max_concurrent_streams),
             maximum_head_bytes: self.limits.max_header_bytes,
+            goaway_grace: GOAWAY_GRACE,
         });
         let client_stall = ClientStall::default();
+        // The slot is held by the connection's bytes: by an upgraded tunnel as well.
         let io = GuardedIo::new(
             stream,
             guard.clone(),
@@ -503,15 +517,19 @@ impl Connection {
             self.proxy.body_idle_timeout(),
             client_stall.clone(),
         );
+        let tunnels = TunnelHandoff::default();
         let service = {
             let guard = guard.clone();
             let proxy = self.proxy.clone();
-            service_fn(move |request: Request<Incoming>| {
+            let tunnels = tunnels.clone();
+            service_fn(move |mut request: Request<Incoming>| {
                 let proxy = proxy.clone();
                 let (in_flight, violation) = guard.request_started();
                 let client_stall = client_stall.clone();
+                if is_upgrade_request(request.version(), request.headers()) {
+                    request.extensions_mut().insert(tunnels.clone());
+                }
                 async move {
-                    let mut request = request;
                     if let Some(violation) = violation {
                         request.extensions_mut().insert(violation);
                     }
@@ -529,7 +547,6 @@ impl Connection {
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let mut shutting_down = false;
-        let mut goaway_deadline: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
@@ -541,33 +558,42 @@ impl Connection {
                     {
                         self.penalty.strike(downstream.peer);
                     }
+                    // hyper has given up an upgraded connection's bytes: its tunnel is carried
+                    // here, so that it holds what the connection held.
+                    if let Some(tunnel) = tunnels.take().filter(|_| result.is_ok()) {
+                        tokio::select! {
+                            () = tunnel.run(self.limits.idle_timeout) => {}
+                            Ok(()) = async {
+                                self.phase.wait_for(|&phase| phase == Phase::Stopping).await.map(drop)
+                            } => tracing::debug!(peer = %downstream.peer, "upgraded connection closed at the drain deadline"),
+                        }
+                    }
                     return result;
                 }
-                Ok(()) = async { self.draining.wait_for(|&draining| draining).await.map(drop) },
-                    if !shutting_down => {
+                Ok(()) = async {
+                    self.phase.wait_for(|&phase| phase != Phase::Serving).await.map(drop)
+                }, if !shutting_down => {
                     shutting_down = true;
                     connection.as_mut().graceful_shutdown();
                 }
-                expiry = guard.expired(), if goaway_deadline.is_none() => match expiry {
+                expiry = guard.expired() => match expiry {
                     Expiry::Close => return Ok(()),
                     Expiry::GoAway | Expiry::CancelledTooMany => {
-                        // hyper's graceful GOAWAY says NO_ERROR (it cannot send
-                        // ENHANCE_YOUR_CALM): the client may open no new stream, and for abuse the
-                        // penalty slows its reconnecting.
+                        // hyper's graceful GOAWAY says NO_ERROR: the client may open no new
+                        // stream, and the streams in flight finish (RFC 9113 §6.8: GOAWAY
+                        // "enables an endpoint to gracefully stop accepting new streams while
+                        // still finishing processing of previously established streams"); hyper
+                        // closes the connection after the last one.
                         if expiry == Expiry::CancelledTooMany {
                             tracing::debug!(peer = %downstream.peer, "HTTP/2 client cancelled too many streams, sending GOAWAY");
-                            self.penalty.strike(downstream.peer);
                         }
                         connection.as_mut().graceful_shutdown();
-                        goaway_deadline = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
+                        // From now on the guard gives the connection its grace to close by
+                        // itself once no stream is left (and drops it at once if the client goes
+                        // on cancelling past its allowance).
+                        guard.went_away();
                     }
                 },
-                () = async {
-                    match goaway_deadline {
-                        Some(deadline) => tokio::time::sleep_until(deadline).await,
-                        None => std::future::pending().await,
-                    }
-                } => return Ok(()),
             }
         }
     }

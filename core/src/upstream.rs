@@ -1,7 +1,9 @@
 //! The upstream client: one scoring endpoint, reached over HTTP/1.1 through a pool of
 //! kept-alive connections, or over HTTP/2 through one shared connection ([`shared_http2`]),
-//! plain or TLS.
+//! plain or TLS, at most `--upstream-max-connections` of them open at once
+//! ([`connection_limit`]).
 
+mod connection_limit;
 mod shared_http2;
 
 use std::future::Future;
@@ -19,8 +21,10 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use self::connection_limit::LimitedConnector;
 use self::shared_http2::SharedHttp2;
 use crate::error::{error_chain, is_timeout, ProxyError};
+use crate::metrics::UpstreamConnectionMetrics;
 use crate::progress::{ExchangeProgress, Side, WriteStall, WriteStalled};
 use crate::tls::{upstream_client_config, TlsError};
 
@@ -60,7 +64,13 @@ pub struct UpstreamSettings {
     /// No body byte either way on an exchange for this long ends it, naming the side that
     /// stalled ([`crate::progress`]); a write to the upstream pending this long fails.
     pub body_idle_timeout: Duration,
+    /// Upstream connections open at once (idle, busy or upgraded); past it a request waits for
+    /// one, within `connect_timeout`.
+    pub max_connections: usize,
 }
+
+/// The default `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Errors building the upstream client.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +182,7 @@ impl<S: hyper::rt::Write> hyper::rt::Write for UpstreamIo<S> {
     }
 }
 
-type Connector = FixedTarget<HttpsConnector<HttpConnector>>;
+type Connector = FixedTarget<HttpsConnector<LimitedConnector<HttpConnector>>>;
 
 /// The default body idle timeout: as long as the default wait for response headers.
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -209,7 +219,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
+    pub fn new(
+        settings: &UpstreamSettings,
+        metrics: UpstreamConnectionMetrics,
+    ) -> Result<Self, UpstreamError> {
         let invalid = || UpstreamError::InvalidUrl(settings.url.to_string());
         let scheme = settings.url.scheme().cloned().ok_or_else(invalid)?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
@@ -224,6 +237,14 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        // The cap is taken before dialing, under TLS: the wait and the TCP connect share the
+        // connect timeout.
+        let http = LimitedConnector::new(
+            http,
+            settings.max_connections,
+            settings.connect_timeout,
+            metrics,
+        );
         let tls = upstream_client_config(settings.ca_file.as_deref())?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -435,16 +456,24 @@ mod tests {
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_host: 8,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
+    }
+
+    fn upstream_for(url: &str) -> Result<Upstream, UpstreamError> {
+        Upstream::new(
+            &settings(url),
+            crate::metrics::Metrics::disabled().upstream_connections(),
+        )
     }
 
     #[tokio::test]
     async fn target_uri_joins_the_base_path() {
-        let upstream = Upstream::new(&settings("http://127.0.0.1:5001/api/")).expect("upstream");
+        let upstream = upstream_for("http://127.0.0.1:5001/api/").expect("upstream");
         let path = PathAndQuery::from_static("/score?x=1");
         let uri = upstream.target_uri(Some(&path), None).expect("uri");
         assert_eq!(uri.to_string(), "http://127.0.0.1:5001/api/score?x=1");
-        let plain = Upstream::new(&settings("http://127.0.0.1:5001")).expect("upstream");
+        let plain = upstream_for("http://127.0.0.1:5001").expect("upstream");
         assert_eq!(
             plain
                 .target_uri(Some(&path), None)
@@ -457,6 +486,6 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_other_schemes() {
-        assert!(Upstream::new(&settings("ftp://example.com/")).is_err());
+        assert!(upstream_for("ftp://example.com/").is_err());
     }
 }

@@ -214,6 +214,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle_per_host: 8,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_connections: scoretap_core::upstream::DEFAULT_MAX_CONNECTIONS,
         },
         proxy: ProxySettings {
             service: "demo-model".into(),

@@ -27,7 +27,10 @@ use scoretap_core::storage::modeldata::ModeldataSettings;
 use scoretap_core::storage::remote::{sanitize, RemoteOptions};
 use scoretap_core::storage::uploader::UploaderSettings;
 use scoretap_core::tls::ServerCertificateFiles;
-use scoretap_core::upstream::{UpstreamProtocol, UpstreamSettings, DEFAULT_BODY_IDLE_TIMEOUT};
+use scoretap_core::upstream::{
+    UpstreamProtocol, UpstreamSettings, DEFAULT_BODY_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS as DEFAULT_UPSTREAM_MAX_CONNECTIONS,
+};
 use scoretap_core::ServerSettings;
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +93,9 @@ pub struct RunArgs {
     /// Most idle upstream connections kept [default: 64]
     #[arg(long, env = "SCORETAP_POOL_MAX_IDLE", value_name = "COUNT")]
     pub pool_max_idle: Option<usize>,
+    /// Upstream connections open at once; past it a request waits for one, and the wait counts against --connect-timeout [default: 1024]
+    #[arg(long, env = "SCORETAP_UPSTREAM_MAX_CONNECTIONS", value_name = "COUNT", value_parser = parse_count)]
+    pub upstream_max_connections: Option<usize>,
     /// Peers (CIDRs, comma-separated) whose incoming forwarding headers are trusted and extended
     #[arg(long, env = "SCORETAP_TRUSTED_PROXIES", value_name = "CIDRS", value_parser = parse_networks)]
     pub trusted_proxies: Option<Networks>,
@@ -295,6 +301,7 @@ struct FileSettings {
     body_idle_timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle: Option<usize>,
+    upstream_max_connections: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
     forwarded: Option<String>,
     via: Option<String>,
@@ -382,6 +389,7 @@ pub struct RunSettings {
     #[serde(serialize_with = "serialize_duration")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    pub upstream_max_connections: usize,
     pub trusted_proxies: Vec<String>,
     pub forwarded: ForwardedMode,
     pub via: Option<String>,
@@ -610,6 +618,11 @@ impl RunArgs {
         self.max_connections =
             self.max_connections
                 .or(count("max-connections", file.max_connections, parse_count)?);
+        self.upstream_max_connections = self.upstream_max_connections.or(count(
+            "upstream-max-connections",
+            file.upstream_max_connections,
+            parse_count,
+        )?);
         self.h2_max_pending_reset_streams = self.h2_max_pending_reset_streams.or(count(
             "h2-max-pending-reset-streams",
             file.h2_max_pending_reset_streams,
@@ -849,6 +862,9 @@ impl RunArgs {
                 .pool_idle_timeout
                 .unwrap_or(Duration::from_millis(1500)),
             pool_max_idle: args.pool_max_idle.unwrap_or(64),
+            upstream_max_connections: args
+                .upstream_max_connections
+                .unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS),
             trusted_proxies: trusted_networks.iter().map(ToString::to_string).collect(),
             forwarded: args.forwarded.unwrap_or_default(),
             via: args.via,
@@ -951,6 +967,7 @@ impl RunSettings {
                 pool_idle_timeout: self.pool_idle_timeout,
                 pool_max_idle_per_host: self.pool_max_idle,
                 body_idle_timeout: self.body_idle_timeout,
+                max_connections: self.upstream_max_connections,
             },
             proxy: ProxySettings {
                 service: self.service.clone(),

@@ -52,12 +52,17 @@ struct HeadVerdict {
 /// What to do when the connection's deadline passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Expiry {
-    /// Drop the connection: an HTTP/1.1 client too slow with its head, or idle.
+    /// Drop the connection: an HTTP/1.1 client too slow with its head, or idle; an HTTP/2
+    /// connection sent GOAWAY that is still open its grace after its last stream ended, or whose
+    /// client goes on cancelling streams past its allowance regardless (it can only do that by
+    /// ignoring the GOAWAY and opening new ones).
     Close,
     /// An idle HTTP/2 connection: GOAWAY, then close.
     GoAway,
-    /// An HTTP/2 client cancelled streams faster than its [`CancelAllowance`]: GOAWAY, then
-    /// close, and the peer is penalized.
+    /// An HTTP/2 client cancelled streams faster than its [`CancelAllowance`]: GOAWAY, and the
+    /// streams already in flight may finish. No penalty: a gateway cancelling on short deadlines
+    /// in front of a slow model does this without any abuse, and a strike would delay every
+    /// client behind it ([`crate::penalty`] is for streams reset before they were served).
     CancelledTooMany,
 }
 
@@ -114,8 +119,10 @@ struct State {
     /// The cancellation bucket's level (HTTP/2 only), as of `cancelled_at`.
     cancelled: f64,
     cancelled_at: Instant,
-    /// The bucket overflowed: the connection is to be cut off.
-    cancelled_too_many: bool,
+    /// How many times the bucket overflowed (it empties each time).
+    cancel_overflows: u32,
+    /// The connection was sent GOAWAY: when, and how many overflows there had been by then.
+    went_away: Option<(Instant, u32)>,
 }
 
 /// The limits the guard enforces.
@@ -126,6 +133,8 @@ pub(crate) struct GuardLimits {
     pub cancelled_streams: CancelAllowance,
     /// `--max-header-bytes`: past it a head is refused with 431.
     pub maximum_head_bytes: usize,
+    /// How long a connection sent GOAWAY has to close by itself once no stream is left.
+    pub goaway_grace: Duration,
 }
 
 /// One connection's guard, shared by its IO, its service and its watchdog.
@@ -154,7 +163,8 @@ impl ConnectionGuard {
                 verdicts: VecDeque::new(),
                 cancelled: 0.0,
                 cancelled_at: now,
-                cancelled_too_many: false,
+                cancel_overflows: 0,
+                went_away: None,
             }),
             changed: Notify::new(),
             limits,
@@ -257,8 +267,9 @@ impl ConnectionGuard {
             let leaked = now.duration_since(state.cancelled_at).as_secs_f64() * per_second;
             state.cancelled = (state.cancelled - leaked).max(0.0) + 1.0;
             state.cancelled_at = now;
-            if state.cancelled > burst && !state.cancelled_too_many {
-                state.cancelled_too_many = true;
+            if state.cancelled > burst {
+                state.cancel_overflows += 1;
+                state.cancelled = 0.0;
                 wake = true;
             }
         }
@@ -280,11 +291,35 @@ impl ConnectionGuard {
         state.head_started = None;
     }
 
+    /// The connection was sent GOAWAY: from now on it only has its grace to close by itself.
+    pub(crate) fn went_away(&self) {
+        let mut state = self.state();
+        if state.went_away.is_none() {
+            state.went_away = Some((Instant::now(), state.cancel_overflows));
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
     /// When the connection expires and what to do then; `None` while a request is in flight,
     /// unless the client cancelled too many streams (then at once).
     fn deadline(&self) -> Option<(Instant, Expiry)> {
         let state = self.state();
-        if state.cancelled_too_many {
+        if let Some((sent, overflows)) = state.went_away {
+            // The streams in flight finish; a client that opens and cancels more regardless is
+            // dropped at once.
+            if state.cancel_overflows > overflows {
+                return Some((state.cancelled_at, Expiry::Close));
+            }
+            if state.in_flight > 0 {
+                return None;
+            }
+            return Some((
+                state.idle_since.max(sent) + self.limits.goaway_grace,
+                Expiry::Close,
+            ));
+        }
+        if state.cancel_overflows > 0 {
             return Some((state.cancelled_at, Expiry::CancelledTooMany));
         }
         if state.in_flight > 0 {
@@ -512,6 +547,7 @@ mod tests {
             per_second: 5.0,
         },
         maximum_head_bytes: 1024,
+        goaway_grace: Duration::from_secs(5),
     };
 
     #[tokio::test(start_paused = true)]
@@ -638,6 +674,62 @@ mod tests {
         );
         assert_eq!(guard.expired().await, Expiry::CancelledTooMany);
         drop(open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_told_to_go_away_has_its_grace_once_its_last_stream_ends() {
+        let grace = TIMEOUTS.goaway_grace;
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        let (slow, _) = guard.request_started();
+        cancel(&guard, 11);
+        assert_eq!(guard.expired().await, Expiry::CancelledTooMany);
+        guard.went_away();
+        assert_eq!(
+            guard.deadline(),
+            None,
+            "no deadline while a stream is in flight"
+        );
+        // Its streams in flight may still be cancelled (fewer than the allowance).
+        cancel(&guard, 5);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(guard.deadline(), None);
+        drop(slow);
+        let ended = Instant::now();
+        assert_eq!(guard.expired().await, Expiry::Close);
+        assert_eq!(Instant::now(), ended + grace);
+
+        // Idle since long before the GOAWAY: the grace still runs from the GOAWAY.
+        let idle = ConnectionGuard::new(TIMEOUTS);
+        idle.on_framing(FramingEvent::Http2);
+        tokio::time::advance(TIMEOUTS.idle).await;
+        assert_eq!(idle.expired().await, Expiry::GoAway);
+        let goaway = Instant::now();
+        idle.went_away();
+        assert_eq!(idle.expired().await, Expiry::Close);
+        assert_eq!(Instant::now(), goaway + grace);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_cancelling_past_its_allowance_again_after_the_goaway_is_dropped() {
+        let guard = ConnectionGuard::new(TIMEOUTS);
+        guard.on_framing(FramingEvent::Http2);
+        let (_slow, _) = guard.request_started();
+        cancel(&guard, 11);
+        assert_eq!(guard.expired().await, Expiry::CancelledTooMany);
+        guard.went_away();
+        cancel(&guard, 10);
+        assert_eq!(
+            guard.deadline(),
+            None,
+            "a full bucket again is not yet too many"
+        );
+        cancel(&guard, 1);
+        assert_eq!(
+            guard.deadline().map(|(_, expiry)| expiry),
+            Some(Expiry::Close),
+            "past the allowance again, with a stream in flight"
+        );
     }
 
     #[tokio::test(start_paused = true)]
