@@ -198,7 +198,9 @@ impl Proxy {
         let response_tap = exchange.map(|exchange| exchange.respond(&response, outcome, error));
         let response_meter =
             BodyMeter::response(self.metrics.clone(), &method, response.status(), started);
-        response.map(|body| TeeBody::new(body, response_tap, Some(response_meter)))
+        response.map(|body| {
+            TeeBody::new(body, response_tap, Some(response_meter)).lingering(ResponseBody::linger)
+        })
     }
 
     async fn forward(

@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use scoretap_tests::client::upload_pattern;
 use scoretap_tests::harness::upstream_args;
 use scoretap_tests::metrics::scrape;
+use scoretap_tests::raw::{chunk, request_bytes};
 use scoretap_tests::traces::{TraceRecord, TraceStore};
 use scoretap_tests::util::{pattern_sha256, sha256_hex};
 use scoretap_tests::*;
@@ -362,4 +363,111 @@ async fn open_exchanges_count_against_the_byte_budget() {
         "every exchange not captured is counted: {}",
         e.describe("scoretap_capture_dropped_total")
     );
+}
+
+/// A streamed response whose every byte reached the client was sometimes recorded as
+/// `client_cancelled` with `sha256: null`: the client (like the OpenAI Python client) closes
+/// as soon as it has read `data: [DONE]`, and scoretap wrote the last event and the end of the
+/// body in two writes although the upstream sent them in one, so the close could land between
+/// them. Every record must be `ok` with the whole body and its digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_read_to_its_last_event_is_recorded_complete() {
+    const EVENTS: [&[u8]; 3] = [
+        b"data: {\"delta\":\"hel\"}\n\n",
+        b"data: {\"delta\":\"lo\"}\n\n",
+        b"data: [DONE]\n\n",
+    ];
+    let up = RawUpstream::start(|_| {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        let mut first = head.to_vec();
+        first.extend(chunk(EVENTS[0]));
+        first.extend(chunk(EVENTS[1]));
+        // The last event and the end of the body in one write.
+        let mut last = chunk(EVENTS[2]);
+        last.extend_from_slice(b"0\r\n\r\n");
+        RawReply::bytes(first).then(Duration::from_millis(2), last)
+    })
+    .await;
+    let store = TraceStore::new();
+    let proxy = capture_proxy(vec!["--upstream".into(), up.url()], &store, &[]).await;
+    let whole: Vec<u8> = EVENTS.concat();
+    let whole_sha = sha256_hex(&whole);
+
+    const ROUNDS: usize = 320;
+    const PARALLEL: usize = 16;
+    let mut tasks = Vec::new();
+    for p in 0..PARALLEL {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut together = 0;
+            for i in 0..ROUNDS / PARALLEL {
+                let id = format!("sse-{p}-{i}");
+                let mut conn = RawConn::connect(addr).await;
+                conn.send(&request_bytes(
+                    "GET /v1/chat/completions HTTP/1.1",
+                    &[("host", "model"), ("x-request-id", &id)],
+                    b"",
+                ))
+                .await;
+                let mut received = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let bytes = conn.read_some().await;
+                    assert!(
+                        !bytes.is_empty(),
+                        "{id}: closed before [DONE]: {received:?}"
+                    );
+                    assert!(Instant::now() < deadline, "{id}: no [DONE] in time");
+                    received.extend_from_slice(&bytes);
+                    if let Some(at) = find(&received, b"data: [DONE]\n\n") {
+                        // What arrived with the last event: its chunk's CRLF, then the end.
+                        together += usize::from(received[at..].ends_with(b"\r\n0\r\n\r\n"));
+                        break;
+                    }
+                }
+                // Close at once, as the OpenAI client does.
+                drop(conn);
+            }
+            together
+        }));
+    }
+    let mut together = 0;
+    for t in tasks {
+        together += t.await.unwrap();
+    }
+    let mut wrong = Vec::new();
+    for p in 0..PARALLEL {
+        for i in 0..ROUNDS / PARALLEL {
+            let record = store.wait(&format!("sse-{p}-{i}")).await;
+            let body = record.at("/response/body");
+            if record.str_at("/outcome") != Some("ok")
+                || body["complete"].as_bool() != Some(true)
+                || body["sha256"].as_str() != Some(whole_sha.as_str())
+            {
+                wrong.push(format!(
+                    "sse-{p}-{i}: outcome {:?}, error {}, complete {}, sha256 {}",
+                    record.str_at("/outcome"),
+                    record.at("/error"),
+                    body["complete"],
+                    body["sha256"]
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "[DONE] and the end of the body in the same read: {together} of {ROUNDS}; wrong records: {}",
+        wrong.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} of {ROUNDS} streams read to their last event recorded as not complete:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
 }
