@@ -944,4 +944,88 @@ mod tests {
             crate::ring::OPEN_EXCHANGE_BYTES
         );
     }
+
+    /// Records kept in memory.
+    #[derive(Debug, Clone, Default)]
+    struct MemorySink(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl TraceSink for MemorySink {
+        fn write_record(
+            &mut self,
+            record: &[u8],
+        ) -> Result<(), crate::storage::staging::StagingError> {
+            if let Ok(mut records) = self.0.lock() {
+                records.push(record.to_vec());
+            }
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), crate::storage::staging::StagingError> {
+            Ok(())
+        }
+    }
+
+    /// Slow exchanges all open at once (10,050 started before the first answers, past the
+    /// 10,000 the collector once held before writing the oldest as incomplete): every one is
+    /// written only at its end, with its response.
+    #[test]
+    fn many_open_exchanges_are_written_at_their_end_with_their_response() {
+        const OPEN: u64 = 10_050;
+        let stats = Arc::new(crate::ring::CaptureStats::default());
+        let (_ring, receiver) = crate::ring::ring(1 << 20, 1 << 40, stats);
+        let sink = MemorySink::default();
+        let mut collector = Collector::new(
+            receiver,
+            Box::new(sink.clone()),
+            CollectorSettings::default(),
+        );
+        for exchange in 1..=OPEN {
+            collector.handle(CaptureEvent::Start(Box::new(ExchangeStart {
+                exchange,
+                at: Instant::now(),
+                started_at: std::time::SystemTime::now(),
+                correlation_id: http::HeaderValue::from_static("slow"),
+                method: http::Method::POST,
+                uri: http::Uri::from_static("/score"),
+                http_version: "HTTP/1.1",
+                headers: HeaderMap::new(),
+                request_body_excluded: None,
+            })));
+        }
+        let end = |exchange, direction| CaptureEvent::End {
+            exchange,
+            direction,
+            end: BodyEnd::Complete,
+            size: 0,
+            lost: false,
+            at: Instant::now(),
+        };
+        for exchange in 1..=OPEN {
+            collector.handle(end(exchange, Direction::Request));
+            collector.handle(CaptureEvent::Response(Box::new(ResponseStart {
+                exchange,
+                status: http::StatusCode::OK,
+                headers: HeaderMap::new(),
+                outcome: "ok",
+                error: None,
+                body_excluded: None,
+            })));
+            collector.handle(end(exchange, Direction::Response));
+        }
+        let records = sink
+            .0
+            .lock()
+            .map(|records| records.clone())
+            .unwrap_or_default();
+        assert_eq!(records.len() as u64, OPEN);
+        let without_response = records
+            .iter()
+            .filter_map(|record| serde_json::from_slice::<serde_json::Value>(record).ok())
+            .filter(|record| record["response"]["status"] != 200 || record["outcome"] != "ok")
+            .count();
+        assert_eq!(
+            without_response, 0,
+            "records of answered exchanges without their response"
+        );
+    }
 }
