@@ -31,6 +31,15 @@ impl ResponseBody {
     pub fn empty() -> Self {
         ResponseBody::Full { data: None }
     }
+
+    /// Hands the upstream's body, dropped before its end, to
+    /// [`crate::tee::linger_for_end`] (a [`crate::tee::Linger`]); a body the proxy made has
+    /// nothing on its way.
+    pub fn linger(self: Pin<&mut Self>, tap: crate::tee::BodyTap) {
+        if let ResponseBody::Upstream { inner } = std::mem::replace(self.get_mut(), Self::empty()) {
+            crate::tee::linger_for_end(inner, tap);
+        }
+    }
 }
 
 impl From<Incoming> for ResponseBody {

@@ -374,6 +374,8 @@ pub struct CaptureSettings {
     pub buffer_bytes: u64,
     /// The number of events the ring holds.
     pub buffer_slots: usize,
+    /// Most exchanges captured at once; past it new ones are not captured (counted).
+    pub max_open_exchanges: usize,
     pub store: crate::sink::StoreLocation,
     /// Names this process in trace file names.
     pub instance: String,
@@ -460,8 +462,14 @@ impl CaptureRuntime {
         use crate::sink::StoreLocation;
         use crate::storage::staging::{SealedObjectQueue, SpoolBudget, Staging};
         let stats = Arc::new(CaptureStats::default());
-        let (ring, receiver) =
-            crate::ring::ring(settings.buffer_slots, settings.buffer_bytes, stats);
+        let (ring, receiver) = crate::ring::ring_with_limits(
+            crate::ring::RingLimits {
+                slots: settings.buffer_slots,
+                bytes: settings.buffer_bytes,
+                open_exchanges: settings.max_open_exchanges,
+            },
+            stats,
+        );
         let storage = &settings.storage;
         let sink_label = settings.store.sink_label();
         let storage_metrics = metrics.storage(sink_label);

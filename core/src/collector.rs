@@ -4,7 +4,8 @@
 //! An exchange is written once both of its bodies have reported their end (or the client went
 //! away before a response). Body bytes are hashed as they arrive; only a prefix of each body (up
 //! to the record limit) is kept, and its bytes stay counted in the ring's byte budget until the
-//! record is written, so everything capture holds is bounded by one number.
+//! record is written, as do the exchange's heads and a fixed cost for its state
+//! ([`crate::ring::OPEN_EXCHANGE_BYTES`]), so everything capture holds is bounded by one number.
 //!
 //! Bodies larger than a record can hold are **spilled**: streamed chunk by chunk, as they come
 //! off the ring, to a staged file under the body key template (never assembled in memory); the
@@ -43,8 +44,6 @@ pub struct CollectorSettings {
     pub flush_interval: Duration,
     /// An exchange with no event for this long is written as incomplete (its end was lost).
     pub exchange_timeout: Duration,
-    /// Most exchanges assembled at once; past it the oldest is written as incomplete.
-    pub maximum_open_exchanges: usize,
     /// The sink's dependency metrics.
     pub storage_metrics: Option<crate::metrics::StorageMetrics>,
     /// Where spilled bodies go; `None` when nothing is spilled (stdout, `--spill false`).
@@ -85,7 +84,6 @@ impl Default for CollectorSettings {
             redaction: Redaction::default(),
             flush_interval: Duration::from_millis(100),
             exchange_timeout: Duration::from_secs(300),
-            maximum_open_exchanges: 10_000,
             storage_metrics: None,
             spill: None,
         }
@@ -559,16 +557,8 @@ impl Collector {
     fn handle(&mut self, event: CaptureEvent) {
         match event {
             CaptureEvent::Start(start) => {
-                if self.open.len() >= self.settings.maximum_open_exchanges {
-                    if let Some(oldest) = self
-                        .open
-                        .iter()
-                        .min_by_key(|(_, open)| open.last_event)
-                        .map(|(exchange, _)| *exchange)
-                    {
-                        self.write(oldest);
-                    }
-                }
+                // How many exchanges are open at once is bounded where they start (the ring's
+                // byte budget and open-exchange limit): none is written early to make room.
                 let exchange = start.exchange;
                 let head_bytes = start.budget_bytes();
                 let request = BodyState::new(start.request_body_excluded);
@@ -657,11 +647,13 @@ impl Collector {
         }
     }
 
-    /// Assembles and writes one exchange, and gives its prefix bytes back to the budget.
+    /// Assembles and writes one exchange, and gives its bytes back to the budget and its place
+    /// back to the open-exchange limit.
     fn write(&mut self, exchange: ExchangeId) {
         let Some(mut open) = self.open.remove(&exchange) else {
             return;
         };
+        self.receiver.open_exchanges.release(1);
         let held = open.held_bytes();
         open.seal_spills(self.settings.spill.as_ref());
         let mut record = std::mem::take(&mut self.record);
@@ -945,4 +937,106 @@ fn spill_cut_bodies(
         }
     }
     stored
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_exchange_costs_no_more_than_the_budget_counts() {
+        // The map holds its entries inline, at worst half full after it grew; the record id is
+        // a 36-character string.
+        let entry = std::mem::size_of::<(ExchangeId, OpenExchange)>() as u64;
+        let state = 2 * entry + 36;
+        assert!(
+            state <= crate::ring::OPEN_EXCHANGE_BYTES,
+            "an open exchange holds {state} bytes, the budget counts {}",
+            crate::ring::OPEN_EXCHANGE_BYTES
+        );
+    }
+
+    /// Records kept in memory.
+    #[derive(Debug, Clone, Default)]
+    struct MemorySink(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl TraceSink for MemorySink {
+        fn write_record(
+            &mut self,
+            record: &[u8],
+        ) -> Result<(), crate::storage::staging::StagingError> {
+            if let Ok(mut records) = self.0.lock() {
+                records.push(record.to_vec());
+            }
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), crate::storage::staging::StagingError> {
+            Ok(())
+        }
+    }
+
+    /// Slow exchanges all open at once (10,050 started before the first answers, past the
+    /// 10,000 the collector once held before writing the oldest as incomplete): every one is
+    /// written only at its end, with its response.
+    #[test]
+    fn many_open_exchanges_are_written_at_their_end_with_their_response() {
+        const OPEN: u64 = 10_050;
+        let stats = Arc::new(crate::ring::CaptureStats::default());
+        let (_ring, receiver) = crate::ring::ring(1 << 20, 1 << 40, stats);
+        let sink = MemorySink::default();
+        let mut collector = Collector::new(
+            receiver,
+            Box::new(sink.clone()),
+            CollectorSettings::default(),
+        );
+        for exchange in 1..=OPEN {
+            collector.handle(CaptureEvent::Start(Box::new(ExchangeStart {
+                exchange,
+                at: Instant::now(),
+                started_at: std::time::SystemTime::now(),
+                correlation_id: http::HeaderValue::from_static("slow"),
+                method: http::Method::POST,
+                uri: http::Uri::from_static("/score"),
+                http_version: "HTTP/1.1",
+                headers: HeaderMap::new(),
+                request_body_excluded: None,
+            })));
+        }
+        let end = |exchange, direction| CaptureEvent::End {
+            exchange,
+            direction,
+            end: BodyEnd::Complete,
+            size: 0,
+            lost: false,
+            at: Instant::now(),
+        };
+        for exchange in 1..=OPEN {
+            collector.handle(end(exchange, Direction::Request));
+            collector.handle(CaptureEvent::Response(Box::new(ResponseStart {
+                exchange,
+                status: http::StatusCode::OK,
+                headers: HeaderMap::new(),
+                outcome: "ok",
+                error: None,
+                body_excluded: None,
+            })));
+            collector.handle(end(exchange, Direction::Response));
+        }
+        let records = sink
+            .0
+            .lock()
+            .map(|records| records.clone())
+            .unwrap_or_default();
+        assert_eq!(records.len() as u64, OPEN);
+        let without_response = records
+            .iter()
+            .filter_map(|record| serde_json::from_slice::<serde_json::Value>(record).ok())
+            .filter(|record| record["response"]["status"] != 200 || record["outcome"] != "ok")
+            .count();
+        assert_eq!(
+            without_response, 0,
+            "records of answered exchanges without their response"
+        );
+    }
 }

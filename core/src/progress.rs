@@ -213,6 +213,14 @@ impl<B> IdleLimitedBody<B> {
     }
 }
 
+impl IdleLimitedBody<crate::body::ResponseBody> {
+    /// Hands the upstream's body and its tap over when the tee is dropped before the body's end
+    /// (a [`crate::tee::Linger`]).
+    pub fn linger(self: Pin<&mut Self>, tap: crate::tee::BodyTap) {
+        crate::body::ResponseBody::linger(self.project().inner, tap);
+    }
+}
+
 impl<B> Body for IdleLimitedBody<B>
 where
     B: Body<Data = Bytes, Error = hyper::Error>,

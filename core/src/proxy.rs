@@ -245,6 +245,7 @@ impl Proxy {
                 response_tap,
                 Some(response_meter),
             )
+            .lingering(IdleLimitedBody::linger)
         })
     }
 

@@ -5,6 +5,25 @@
 //! complete, trailers, error, or cancelled (dropped before the end). hyper may stop polling a
 //! body once `is_end_stream()` is true and never poll it to `None`, so the end is also reported
 //! as soon as the inner body says it has ended.
+//!
+//! # What arrived together is forwarded together
+//!
+//! After a data frame, if the inner body does not yet know it has ended, the tee polls it once
+//! more without waiting (a peek). If the body has ended, `is_end_stream()` is true as the frame
+//! is handed over, and hyper writes the frame and the end of the body together (on HTTP/1.1 the
+//! last chunk and the `0\r\n\r\n` terminator in one write): a client that closes as soon as it
+//! has read the last event (the OpenAI Python client does so on `data: [DONE]`) finds the
+//! response already complete. A peek that finds another frame keeps it (a reference count, no
+//! copy) for the next poll, which hyper makes at once; a peek that finds nothing yet changes
+//! nothing, so no frame waits for a peek.
+//!
+//! A response's tee dropped before its body was polled to the end looks once more, without
+//! waiting: a body whose end had already arrived, every byte of it handed on, is complete, not
+//! cancelled (the client closed after it had everything, before hyper wrote the end). The end
+//! may also be on its way: hyper's upstream connection decodes a chunked body's end only after
+//! the last chunk was taken, on its own task, which may not have run yet when the client's close
+//! is seen. A tee made [`TeeBody::lingering`] then hands the body to a task that waits up to
+//! [`LINGER`] for it: its end, before any more data, makes the body complete.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,6 +34,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -228,15 +248,98 @@ impl Drop for BodyMeter {
     }
 }
 
+/// What a peek found after a data frame, kept for the next poll.
+type Peeked<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
+
+/// Takes over a body dropped before its end, with its tap (see [`linger_for_end`]).
+pub type Linger<B> = fn(Pin<&mut B>, BodyTap);
+
+/// How long a body dropped before its end is given for an end that may be on its way.
+pub const LINGER: Duration = Duration::from_millis(100);
+
+/// Waits, on a task of its own, up to [`LINGER`] for the next frame of `body`, whose tee was
+/// dropped before its end: if it is the end, every byte had been handed on and the body is
+/// reported complete; anything else (data the client never got, no end in time, no runtime)
+/// reports it cancelled.
+pub fn linger_for_end<B>(mut body: B, mut tap: BodyTap)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Send,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        use http_body_util::BodyExt as _;
+        if let Ok(None) = tokio::time::timeout(LINGER, body.frame()).await {
+            tap.finish(BodyEnd::Complete);
+        }
+    });
+}
+
 pin_project! {
     /// A body that forwards `inner`, measures it when `meter` is set, and tees it to capture
     /// when `tap` is set.
-    #[derive(Debug)]
-    pub struct TeeBody<B> {
+    pub struct TeeBody<B: Body> {
         #[pin]
         inner: B,
         tap: Option<BodyTap>,
         meter: Option<BodyMeter>,
+        // What the last peek found: `Some(None)` is the end of the body.
+        peeked: Option<Peeked<B>>,
+        // Takes the body and its tap over when the tee is dropped before the end, the end
+        // perhaps on its way.
+        linger: Option<Linger<B>>,
+    }
+
+    impl<B: Body> PinnedDrop for TeeBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Only a response is looked at: a request body's wrapper counts what it reads
+            // against the client's limit, and a frame read now would be counted, never sent.
+            let Some(tap) = this
+                .tap
+                .as_mut()
+                .filter(|tap| !tap.finished && tap.direction == Direction::Response)
+            else {
+                return;
+            };
+            let mut inner = this.inner;
+            let next = match this.peeked.take() {
+                Some(peeked) => Poll::Ready(peeked),
+                None if inner.is_end_stream() => Poll::Ready(None),
+                None => {
+                    let mut context = Context::from_waker(std::task::Waker::noop());
+                    inner.as_mut().poll_frame(&mut context)
+                }
+            };
+            match next {
+                Poll::Ready(None) => tap.finish(BodyEnd::Complete),
+                // Data, trailers or an error the client never got: the tap reports cancelled.
+                Poll::Ready(Some(_)) => {}
+                Poll::Pending => {
+                    if let (Some(linger), Some(tap)) = (this.linger.take(), this.tap.take()) {
+                        linger(inner, tap);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<B: Body> std::fmt::Debug for TeeBody<B>
+where
+    B: std::fmt::Debug,
+{
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TeeBody")
+            .field("inner", &self.inner)
+            .field("tap", &self.tap)
+            .field("meter", &self.meter)
+            .field("peeked", &self.peeked.is_some())
+            .finish()
     }
 }
 
@@ -252,7 +355,20 @@ impl<B: Body> TeeBody<B> {
                 meter.report();
             }
         }
-        Self { inner, tap, meter }
+        Self {
+            inner,
+            tap,
+            meter,
+            peeked: None,
+            linger: None,
+        }
+    }
+
+    /// Dropped before its end with the end perhaps on its way, the tee hands the body and its
+    /// tap to `linger` (which moves the body out, e.g. to [`linger_for_end`]).
+    pub fn lingering(mut self, linger: Linger<B>) -> Self {
+        self.linger = Some(linger);
+        self
     }
 }
 
@@ -270,10 +386,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let mut inner = this.inner;
-        let polled = inner.as_mut().poll_frame(context);
-        if this.tap.is_none() && this.meter.is_none() {
-            return polled;
-        }
+        let polled = match this.peeked.take() {
+            Some(peeked) => Poll::Ready(peeked),
+            None => inner.as_mut().poll_frame(context),
+        };
         let ended = match &polled {
             Poll::Pending => false,
             Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
@@ -284,7 +400,17 @@ where
                     if let Some(tap) = this.tap.as_mut() {
                         tap.on_data(data);
                     }
-                    inner.is_end_stream()
+                    inner.is_end_stream() || {
+                        // Peek: did the end (or more) arrive with this frame?
+                        match inner.as_mut().poll_frame(context) {
+                            Poll::Pending => false,
+                            Poll::Ready(next) => {
+                                let end = next.is_none();
+                                *this.peeked = Some(next);
+                                end
+                            }
+                        }
+                    }
                 }
                 None => frame.is_trailers(),
             },
@@ -308,11 +434,164 @@ where
         polled
     }
 
+    /// True once the inner body has ended, or a peek found its end.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.peeked {
+            Some(peeked) => peeked.is_none(),
+            None => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some(Some(Ok(frame))) = &self.peeked {
+            // A frame the peek holds is still to come.
+            let held = frame.data_ref().map_or(0, |data| data.len() as u64);
+            let lower = hint.lower().saturating_add(held);
+            if let Some(upper) = hint.upper() {
+                // Raised first: a lower bound above the upper one would be refused.
+                hint.set_upper(upper.saturating_add(held));
+            }
+            hint.set_lower(lower);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::ring::{ring, CaptureStats, RingReceiver};
+
+    type Polled = Poll<Option<Result<Frame<Bytes>, std::io::Error>>>;
+
+    /// A body that answers each poll from a script, then with its end.
+    #[derive(Debug)]
+    struct Scripted(VecDeque<Polled>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Polled {
+            self.get_mut().0.pop_front().unwrap_or(Poll::Ready(None))
+        }
+    }
+
+    fn data(text: &'static str) -> Polled {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(text.as_bytes())))))
+    }
+
+    fn tee(script: Vec<Polled>) -> (TeeBody<Scripted>, RingReceiver) {
+        let (ring, receiver) = ring(64, 1 << 20, Arc::new(CaptureStats::default()));
+        let tap = BodyTap::new(ring, 1, Direction::Response, true, u64::MAX);
+        (
+            TeeBody::new(Scripted(script.into()), Some(tap), None),
+            receiver,
+        )
+    }
+
+    fn poll(body: &mut TeeBody<Scripted>) -> Option<Bytes> {
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(body).poll_frame(&mut context) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+            Poll::Ready(None) => None,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The ends the tap reported.
+    fn ends(receiver: &RingReceiver) -> Vec<String> {
+        let mut ends = Vec::new();
+        while let Ok(event) = receiver.try_receive() {
+            if let CaptureEvent::End { end, .. } = event {
+                ends.push(format!("{end:?}"));
+            }
+        }
+        ends
+    }
+
+    #[test]
+    fn an_end_that_arrived_with_the_last_frame_is_handed_over_with_it() {
+        let (mut body, receiver) = tee(vec![data("last"), Poll::Ready(None)]);
+        assert_eq!(poll(&mut body).as_deref(), Some(&b"last"[..]));
+        assert!(body.is_end_stream(), "the peek found the end");
+        assert_eq!(ends(&receiver), ["Complete"]);
+        assert_eq!(poll(&mut body), None);
+        drop(body);
+        assert!(ends(&receiver).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn a_peek_that_finds_nothing_yet_holds_nothing_back() {
+        let (mut body, receiver) =
+            tee(vec![data("a"), Poll::Pending, data("b"), Poll::Ready(None)]);
+        assert_eq!(poll(&mut body).as_deref(), Some(&b"a"[..]));
+        assert!(!body.is_end_stream());
+        assert_eq!(poll(&mut body).as_deref(), Some(&b"b"[..]));
+        assert!(body.is_end_stream());
+        assert_eq!(ends(&receiver), ["Complete"]);
+    }
+
+    #[test]
+    fn a_peek_that_finds_a_frame_keeps_it_for_the_next_poll() {
+        let (mut body, receiver) = tee(vec![data("a"), data("bc"), Poll::Pending]);
+        assert_eq!(poll(&mut body).as_deref(), Some(&b"a"[..]));
+        assert!(!body.is_end_stream());
+        assert_eq!(
+            body.size_hint().lower(),
+            2,
+            "the kept frame is still to come"
+        );
+        assert_eq!(poll(&mut body).as_deref(), Some(&b"bc"[..]));
+        assert_eq!(poll(&mut body), None);
+        assert_eq!(ends(&receiver), ["Complete"]);
+    }
+
+    #[test]
+    fn a_tee_dropped_after_its_end_arrived_is_complete() {
+        let (mut body, receiver) = tee(vec![data("a"), Poll::Pending, Poll::Ready(None)]);
+        assert_eq!(poll(&mut body).as_deref(), Some(&b"a"[..]));
+        assert!(!body.is_end_stream());
+        drop(body);
+        assert_eq!(ends(&receiver), ["Complete"]);
+    }
+
+    #[test]
+    fn a_tee_dropped_before_its_end_is_cancelled() {
+        for script in [
+            vec![data("a"), Poll::Pending, Poll::Pending],
+            vec![data("a"), Poll::Pending, data("unsent")],
+        ] {
+            let (mut body, receiver) = tee(script);
+            assert_eq!(poll(&mut body).as_deref(), Some(&b"a"[..]));
+            drop(body);
+            assert_eq!(ends(&receiver), ["Cancelled"]);
+        }
+    }
+
+    fn linger(body: Pin<&mut Scripted>, tap: BodyTap) {
+        linger_for_end(Scripted(std::mem::take(&mut body.get_mut().0)), tap);
+    }
+
+    #[tokio::test]
+    async fn a_tee_dropped_with_its_end_on_its_way_lingers_for_it() {
+        let cases = [
+            (vec![data("a"), Poll::Pending, Poll::Pending], "Complete"),
+            (
+                vec![data("a"), Poll::Pending, Poll::Pending, data("unsent")],
+                "Cancelled",
+            ),
+        ];
+        for (script, reported) in cases {
+            let (body, receiver) = tee(script);
+            let mut body = body.lingering(linger);
+            assert_eq!(poll(&mut body).as_deref(), Some(&b"a"[..]));
+            drop(body);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(ends(&receiver), [reported]);
+        }
     }
 }

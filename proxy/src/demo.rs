@@ -228,6 +228,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             selection: CaptureSelection::default(),
             buffer_bytes: 16 << 20,
             buffer_slots: 4096,
+            max_open_exchanges: scoretap_core::ring::DEFAULT_MAXIMUM_OPEN_EXCHANGES,
             store: args.store.clone(),
             instance: "demo".into(),
             redaction: Redaction::new(&[], &["$.customer.email".to_owned()])?,

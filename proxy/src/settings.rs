@@ -171,6 +171,9 @@ pub struct RunArgs {
     /// Events the capture ring holds [default: 65536]
     #[arg(long, env = "SCORETAP_CAPTURE_BUFFER_SLOTS", value_name = "COUNT", value_parser = parse_count)]
     pub capture_buffer_slots: Option<usize>,
+    /// Most exchanges captured at once; past it new ones are not captured (counted) [default: 100000]
+    #[arg(long, env = "SCORETAP_CAPTURE_MAX_OPEN_EXCHANGES", value_name = "COUNT", value_parser = parse_count)]
+    pub capture_max_open_exchanges: Option<usize>,
     /// Extra header names redacted in records and logs (authorization, cookies, API keys always are)
     #[arg(long, env = "SCORETAP_REDACT_HEADERS", value_name = "NAMES", value_parser = parse_list)]
     pub redact_headers: Option<List>,
@@ -327,6 +330,7 @@ struct FileSettings {
     capture_max_body_bytes: Option<FileSize>,
     capture_buffer_bytes: Option<FileSize>,
     capture_buffer_slots: Option<usize>,
+    capture_max_open_exchanges: Option<usize>,
     redact_headers: Option<FileList>,
     redact_json: Option<FileList>,
     admin_token: Option<Secret>,
@@ -420,6 +424,7 @@ pub struct RunSettings {
     pub capture_max_body_bytes: u64,
     pub capture_buffer_bytes: u64,
     pub capture_buffer_slots: usize,
+    pub capture_max_open_exchanges: usize,
     pub redact_headers: Vec<String>,
     pub redact_json: Vec<String>,
     pub admin_token: Option<Secret>,
@@ -691,6 +696,13 @@ impl RunArgs {
             file.capture_buffer_slots.map(|slots| slots.to_string()),
             parse_count,
         )?);
+        self.capture_max_open_exchanges = self.capture_max_open_exchanges.or(from_file(
+            p,
+            "capture-max-open-exchanges",
+            file.capture_max_open_exchanges
+                .map(|count| count.to_string()),
+            parse_count,
+        )?);
         self.redact_headers = self
             .redact_headers
             .or(list("redact-headers", file.redact_headers)?);
@@ -911,6 +923,9 @@ impl RunArgs {
             capture_max_body_bytes: args.capture_max_body_bytes.unwrap_or(1 << 30),
             capture_buffer_bytes,
             capture_buffer_slots: args.capture_buffer_slots.unwrap_or(65_536),
+            capture_max_open_exchanges: args
+                .capture_max_open_exchanges
+                .unwrap_or(scoretap_core::ring::DEFAULT_MAXIMUM_OPEN_EXCHANGES),
             redact_headers,
             redact_json,
             admin_token: args.admin_token,
@@ -1013,6 +1028,7 @@ impl RunSettings {
                 },
                 buffer_bytes: self.capture_buffer_bytes,
                 buffer_slots: self.capture_buffer_slots,
+                max_open_exchanges: self.capture_max_open_exchanges,
                 store: self.store.clone(),
                 instance: self.instance.clone(),
                 redaction: self.redaction.clone(),
