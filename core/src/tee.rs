@@ -54,6 +54,8 @@ impl BodyErrorEnd for hyper::Error {}
 
 impl BodyErrorEnd for std::convert::Infallible {}
 
+impl BodyErrorEnd for std::io::Error {}
+
 impl BodyErrorEnd for crate::error::RequestBodyError {}
 
 impl BodyErrorEnd for ResponseBodyError {
