@@ -355,25 +355,37 @@ impl UpgradeUpstream {
     }
 }
 
-/// Upgrades a new connection to scoretap (a WebSocket handshake) and checks a round trip.
+/// Upgrades a new connection to scoretap (a WebSocket handshake) and checks a round trip. A
+/// connection closed without an answer (refused at `--max-connections` while a previous one still
+/// holds the slot for a moment) is tried again, for up to 2 s.
 async fn open_tunnel(addr: SocketAddr) -> RawConn {
-    let mut conn = RawConn::connect(addr).await;
-    conn.send(&request_bytes(
-        "GET /socket HTTP/1.1",
-        &[
-            ("Host", "app.example"),
-            ("Connection", "Upgrade"),
-            ("Upgrade", "websocket"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("Sec-WebSocket-Version", "13"),
-        ],
-        b"",
-    ))
-    .await;
-    let response = within(STEP, "101", conn.read_response(false)).await;
-    assert_eq!(response.status(), 101, "{:?}", response.head);
-    assert_round_trip(&mut conn, b"hello").await;
-    conn
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut conn = RawConn::connect(addr).await;
+        conn.send(&request_bytes(
+            "GET /socket HTTP/1.1",
+            &[
+                ("Host", "app.example"),
+                ("Connection", "Upgrade"),
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+            b"",
+        ))
+        .await;
+        match within(STEP, "101", conn.try_read_response(false)).await {
+            Some(response) => {
+                assert_eq!(response.status(), 101, "{:?}", response.head);
+                assert_round_trip(&mut conn, b"hello").await;
+                return conn;
+            }
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => panic!("no connection to {addr} was answered within 2 s"),
+        }
+    }
 }
 
 /// Sends `message` through the tunnel and reads its echo.
