@@ -353,8 +353,9 @@ impl Upstream {
                     .request(request)
                     .await
                     .map_err(|error| self.classify(&error, error.is_connect())),
-                Transport::SharedHttp2(shared) => shared
-                    .send(request)
+                // Boxed: opening the shared connection is a large future, and every request's
+                // future (moved by hyper as it is served) would otherwise be as large as it.
+                Transport::SharedHttp2(shared) => Box::pin(shared.send(request))
                     .await
                     .map_err(|error| self.classify(&error, error.is_connect())),
             }
