@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// The side of the proxy an exchange is waiting for.
@@ -46,8 +45,8 @@ pub struct ExchangeProgress {
     last_progress: AtomicU64,
     /// One of the `REQUEST_*` states.
     request: AtomicU8,
-    /// Notified once, when the request body has been sent whole.
-    request_sent: Notify,
+    /// Nanoseconds from `origin` to when the request body had been sent whole.
+    request_sent_at: AtomicU64,
 }
 
 impl ExchangeProgress {
@@ -56,14 +55,18 @@ impl ExchangeProgress {
             origin: Instant::now(),
             last_progress: AtomicU64::new(0),
             request: AtomicU8::new(REQUEST_WAITING_FOR_UPSTREAM),
-            request_sent: Notify::new(),
+            request_sent_at: AtomicU64::new(0),
         })
+    }
+
+    fn nanos_since_origin(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// A body byte crossed, either way.
     fn advanced(&self) {
-        let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_progress.store(nanos, Ordering::Relaxed);
+        self.last_progress
+            .store(self.nanos_since_origin(), Ordering::Relaxed);
     }
 
     /// When the exchange goes idle for `timeout` if nothing crosses before.
@@ -76,18 +79,19 @@ impl ExchangeProgress {
         self.request.load(Ordering::Acquire) == REQUEST_SENT
     }
 
-    /// Resolves once the request body has been sent whole.
-    pub async fn wait_request_sent(&self) {
-        // `notify_one` keeps a permit when nobody waits yet, so no wake-up is lost.
-        while !self.request_sent() {
-            self.request_sent.notified().await;
-        }
+    /// When the request body had been sent whole, if it has.
+    pub fn request_sent_at(&self) -> Option<Instant> {
+        self.request_sent().then(|| {
+            self.origin + Duration::from_nanos(self.request_sent_at.load(Ordering::Relaxed))
+        })
     }
 
     fn set_request(&self, state: u8) {
         if state == REQUEST_SENT {
-            if self.request.swap(REQUEST_SENT, Ordering::AcqRel) != REQUEST_SENT {
-                self.request_sent.notify_one();
+            if self.request.load(Ordering::Relaxed) != REQUEST_SENT {
+                self.request_sent_at
+                    .store(self.nanos_since_origin(), Ordering::Relaxed);
+                self.request.store(REQUEST_SENT, Ordering::Release);
             }
         } else if self.request.load(Ordering::Relaxed) != REQUEST_SENT {
             self.request.store(state, Ordering::Release);
@@ -399,7 +403,7 @@ mod tests {
         let frame = body.frame().await.expect("a frame").expect("data");
         assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"input")));
         assert!(progress.request_sent());
-        progress.wait_request_sent().await;
+        assert!(progress.request_sent_at().is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -346,7 +346,6 @@ impl Upstream {
         request: Request<UpstreamRequestBody>,
         progress: &ExchangeProgress,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let body_idle_timeout = self.body_idle_timeout;
         let response = async {
             match &self.transport {
                 Transport::Pooled(client) => client
@@ -361,24 +360,46 @@ impl Upstream {
             }
         };
         tokio::pin!(response);
-        while !progress.request_sent() {
-            let idle_deadline = progress.idle_deadline(body_idle_timeout);
+        // One timer, moved only when it fires: nothing is done per body frame, and the task is
+        // not woken when the upload ends.
+        let timer = tokio::time::sleep_until(self.next_deadline(progress));
+        tokio::pin!(timer);
+        loop {
             tokio::select! {
+                biased;
                 result = &mut response => return result,
-                () = progress.wait_request_sent() => {}
-                () = tokio::time::sleep_until(idle_deadline) => {
-                    if progress.idle_deadline(body_idle_timeout) <= tokio::time::Instant::now() {
-                        return Err(match progress.stalled_side() {
-                            Side::Client => ProxyError::ClientIdle(body_idle_timeout),
-                            Side::Upstream => ProxyError::UpstreamIdle(body_idle_timeout),
-                        });
+                () = &mut timer => {
+                    let deadline = self.next_deadline(progress);
+                    if deadline <= tokio::time::Instant::now() {
+                        return Err(self.timed_out(progress));
                     }
+                    timer.as_mut().reset(deadline);
                 }
             }
         }
-        match tokio::time::timeout(self.response_header_timeout, response).await {
-            Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.response_header_timeout)),
-            Ok(result) => result,
+    }
+
+    /// When [`Upstream::send`] must next look at the exchange: the response-header deadline once
+    /// the body has been sent; before that, the body idle deadline, or sooner, when the header
+    /// deadline could come first (it is at least the header timeout away).
+    fn next_deadline(&self, progress: &ExchangeProgress) -> tokio::time::Instant {
+        match progress.request_sent_at() {
+            Some(sent_at) => sent_at + self.response_header_timeout,
+            None => progress
+                .idle_deadline(self.body_idle_timeout)
+                .min(tokio::time::Instant::now() + self.response_header_timeout),
+        }
+    }
+
+    /// The error of an exchange whose deadline has passed.
+    fn timed_out(&self, progress: &ExchangeProgress) -> ProxyError {
+        if progress.request_sent() {
+            ProxyError::UpstreamTimeout(self.response_header_timeout)
+        } else {
+            match progress.stalled_side() {
+                Side::Client => ProxyError::ClientIdle(self.body_idle_timeout),
+                Side::Upstream => ProxyError::UpstreamIdle(self.body_idle_timeout),
+            }
         }
     }
 
