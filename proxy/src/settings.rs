@@ -57,7 +57,7 @@ pub struct RunArgs {
     /// Base URL of the scoring endpoint, http:// or https://; a path in it prefixes every request
     #[arg(long, env = "SCORETAP_UPSTREAM", value_name = "URL", value_parser = parse_upstream_url)]
     pub upstream: Option<Uri>,
-    /// Address of the admin listener (/healthz, /readyz) [default: 127.0.0.1:9901]
+    /// Address of the admin listener: /healthz, /readyz, /metrics, /traces, /capture [default: 127.0.0.1:9901]
     #[arg(long, env = "SCORETAP_ADMIN_LISTEN", value_name = "ADDR", value_parser = parse_address)]
     pub admin_listen: Option<SocketAddr>,
     /// Allow --admin-listen on an address other than loopback, e.g. 0.0.0.0:9901 in a pod for probes and scraping (the admin switches capture and serves records) [default: false]
@@ -141,8 +141,8 @@ pub struct RunArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "SCORETAP_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. info or scoretap_core=debug [default: info]
-    #[arg(long, env = "SCORETAP_LOG_LEVEL", value_name = "FILTER")]
+    /// Log filter, e.g. info or scoretap_core=debug; without it RUST_LOG is used when set [default: info]
+    #[arg(long, env = "SCORETAP_LOG_LEVEL", value_name = "FILTER", value_parser = parse_log_filter)]
     pub log_level: Option<String>,
     /// Where records go: stdout, or file:///DIR for rotating JSONL files [default: file://./scoretap-data]
     #[arg(long, env = "SCORETAP_STORE", value_name = "URL", value_parser = parse_store)]
@@ -246,8 +246,8 @@ pub struct RunArgs {
     /// TOML file with the same keys as these flags (kebab-case, e.g. upstream-timeout = "2s")
     #[arg(long, env = "SCORETAP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Validate the configuration, print it as JSON and exit
-    #[arg(long, env = "SCORETAP_CHECK_CONFIG", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    /// Validate the configuration, print it as JSON and exit (a flag only: a variable left in a manifest would make every start exit)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
     pub check_config: Option<bool>,
 }
 
@@ -657,7 +657,9 @@ impl RunArgs {
             file.log_format,
             parse_log_format,
         )?);
-        self.log_level = self.log_level.or(file.log_level);
+        self.log_level =
+            self.log_level
+                .or(from_file(p, "log-level", file.log_level, parse_log_filter)?);
         self.store = self
             .store
             .or(from_file(p, "store", file.store, parse_store)?);
@@ -902,7 +904,10 @@ impl RunArgs {
                 .unwrap_or(limits.h2_max_pending_reset_streams),
             abuse_delay: args.abuse_delay.unwrap_or(limits.abuse_delay),
             log_format: args.log_format.unwrap_or_default(),
-            log_level: args.log_level.unwrap_or_else(|| "info".into()),
+            log_level: match args.log_level {
+                Some(filter) => filter,
+                None => log_filter_from_environment()?,
+            },
             store: args
                 .store
                 .unwrap_or_else(|| StoreLocation::Directory(PathBuf::from("./scoretap-data"))),
@@ -1123,6 +1128,36 @@ pub fn parse_upstream_url(text: &str) -> Result<Uri, String> {
 pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|_| "expected a duration such as 0s, 50ms or 1s".to_owned())
+}
+
+/// A `tracing` filter (`info`, `scoretap_core=debug,info`), as `--log-level` and `RUST_LOG` take.
+pub fn parse_log_filter(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("expected a log filter such as info, debug or scoretap_core=debug,info".into());
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map(|_| text.to_owned())
+        .map_err(|error| {
+            format!(
+                "expected a log filter such as info, debug or scoretap_core=debug,info ({error})"
+            )
+        })
+}
+
+/// The log filter when `--log-level` is not given: `RUST_LOG` when set (a bad one is refused,
+/// naming it), else `info`.
+fn log_filter_from_environment() -> Result<String, SettingsError> {
+    match std::env::var("RUST_LOG") {
+        Ok(filter) if !filter.trim().is_empty() => parse_log_filter(&filter).map_err(|message| {
+            SettingsError::Invalid(format!(
+                "invalid value '{}' for RUST_LOG: {message}",
+                sanitize(&filter)
+            ))
+        }),
+        _ => Ok("info".into()),
+    }
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use scoretap_tests::client::empty;
 use scoretap_tests::harness::proxy_for;
 use scoretap_tests::process::run_cli;
-use scoretap_tests::util::{free_port, TempDir};
+use scoretap_tests::util::{eventually, free_port, TempDir};
 use scoretap_tests::*;
 
 const CLI_LIMIT: Duration = Duration::from_secs(15);
@@ -61,6 +61,7 @@ fn bad_flag_values_exit_2_and_name_the_flag() {
             vec!["--trusted-proxies", "10.0.0.0/99"],
             "--trusted-proxies",
         ),
+        (vec!["--log-level", "scoretap_core=loud"], "--log-level"),
     ];
     for (bad, flag) in cases {
         let mut args = vec!["--check-config"];
@@ -116,6 +117,58 @@ fn bad_flag_values_exit_2_and_name_the_flag() {
         Some(2),
         "--tls-cert without --tls-key / missing file: {}",
         o.stderr
+    );
+}
+
+/// `RUST_LOG` is honoured when `--log-level` is not given, `--log-level` wins over it, and a bad
+/// `RUST_LOG` stops scoretap with exit 2 naming it (before, a bad filter fell back to `info`
+/// silently and `RUST_LOG` was ignored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_is_honoured_when_log_level_is_not_given() {
+    let up = TestUpstream::start().await;
+    let debug_line = "response headers sent";
+    for (flags, expect_debug) in [(&[][..], true), (&["--log-level", "info"][..], false)] {
+        let proxy = Scoretap::builder()
+            .upstream(&up.url())
+            .args(flags.iter().copied())
+            .env("RUST_LOG", "scoretap_core=debug,info")
+            .start()
+            .await;
+        let mut client = Client::connect(proxy.addr, Proto::H1).await;
+        assert_eq!(client.get("/ok").await.status, 200);
+        let logged = eventually(Duration::from_secs(2), || {
+            proxy.stderr().contains(debug_line)
+        })
+        .await;
+        assert_eq!(
+            logged,
+            expect_debug,
+            "flags {flags:?} with RUST_LOG=scoretap_core=debug,info: stderr {}",
+            proxy.stderr()
+        );
+    }
+    let o = run_cli(
+        &["--check-config", "--upstream", "http://127.0.0.1:9"],
+        &[("RUST_LOG", "scoretap_core=loud")],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(2), "stderr {}", o.stderr);
+    assert!(o.stderr.contains("RUST_LOG"), "{}", o.stderr);
+}
+
+/// `--check-config` is a flag only: `SCORETAP_CHECK_CONFIG` left in a manifest would have made
+/// every start print the configuration and exit (a restart loop).
+#[test]
+fn check_config_has_no_environment_variable() {
+    let o = run_cli(&["--help"], &[], CLI_LIMIT);
+    assert_eq!(o.code(), Some(0), "{}", o.stderr);
+    assert!(o.stdout.contains("--check-config"), "{}", o.stdout);
+    assert!(!o.stdout.contains("SCORETAP_CHECK_CONFIG"), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .contains("/healthz, /readyz, /metrics, /traces, /capture"),
+        "--admin-listen's help names every admin endpoint: {}",
+        o.stdout
     );
 }
 
