@@ -225,6 +225,14 @@ async fn serve(settings: RunSettings) -> ExitCode {
         upstream = %settings.upstream,
         service = %settings.service,
         tls = settings.tls_cert.is_some(),
+        capture = settings.capture,
+        // Store URLs carry no credentials (a query is refused when they are parsed).
+        store = %settings.store.url(),
+        spool = %if settings.store.is_remote() {
+            settings.spool_dir.display().to_string()
+        } else {
+            "none (a local store)".to_owned()
+        },
         version = env!("CARGO_PKG_VERSION"),
         "scoretap is serving"
     );

@@ -156,6 +156,33 @@ async fn rust_log_is_honoured_when_log_level_is_not_given() {
     assert!(o.stderr.contains("RUST_LOG"), "{}", o.stderr);
 }
 
+/// The start-up line says where records go: the store (as a URL, which never holds a credential)
+/// and, for a remote store, the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_line_names_the_store_and_the_spool() {
+    let up = TestUpstream::start().await;
+    let store = TempDir::new("startup-store");
+    let proxy = Scoretap::builder()
+        .upstream(&up.url())
+        .args([
+            "--store".to_owned(),
+            format!("file://{}", store.path().display()),
+        ])
+        .start()
+        .await;
+    let line = proxy
+        .stderr()
+        .lines()
+        .find(|line| line.contains("scoretap is serving"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("store=file://{}", store.path().display())),
+        "{line}"
+    );
+    assert!(line.contains("spool=none"), "{line}");
+}
+
 /// `--check-config` is a flag only: `SCORETAP_CHECK_CONFIG` left in a manifest would have made
 /// every start print the configuration and exit (a restart loop).
 #[test]
