@@ -281,15 +281,20 @@ impl AdminState {
                     Ok(status) => trace_query.status = Some(status),
                     Err(message) => return bad_request(&format!("status: {message}")),
                 },
-                _ => return bad_request("expected the parameters contains, limit, since, status"),
+                "service" => trace_query.service = Some(value),
+                _ => {
+                    return bad_request(
+                        "expected the parameters contains, limit, service, since, status",
+                    )
+                }
             }
         }
         let found =
             tokio::task::spawn_blocking(move || query_directory(&root, &directory, &trace_query))
                 .await;
         match found {
-            Ok(Ok(lines)) => {
-                let mut body = lines.join("\n");
+            Ok(Ok(found)) => {
+                let mut body = found.records.join("\n");
                 if !body.is_empty() {
                     body.push('\n');
                 }

@@ -14,6 +14,15 @@ pub struct TraceQuery {
     /// Only records that started within this long before now.
     pub since: Option<Duration>,
     pub status: Option<StatusFilter>,
+    /// Only records of this service.
+    pub service: Option<String>,
+}
+
+/// What a query found, newest first, and how many records it looked at to find them.
+#[derive(Debug, Clone, Default)]
+pub struct QueryResult {
+    pub records: Vec<String>,
+    pub searched: usize,
 }
 
 /// A filter on the response status.
@@ -118,7 +127,7 @@ fn batch_text(name: &str, bytes: Vec<u8>) -> std::io::Result<String> {
 struct Search<'q> {
     query: &'q TraceQuery,
     since: Option<String>,
-    found: Vec<String>,
+    found: QueryResult,
 }
 
 impl<'q> Search<'q> {
@@ -128,12 +137,12 @@ impl<'q> Search<'q> {
             since: query.since.map(|since| {
                 humantime::format_rfc3339_micros(SystemTime::now() - since).to_string()
             }),
-            found: Vec::new(),
+            found: QueryResult::default(),
         }
     }
 
     fn done(&self) -> bool {
-        self.found.len() >= self.query.limit
+        self.found.records.len() >= self.query.limit
     }
 
     /// Takes the matching lines of one batch, newest (last) first.
@@ -145,12 +154,13 @@ impl<'q> Search<'q> {
             if line.is_empty() {
                 continue;
             }
+            self.found.searched += 1;
             if let Some(needle) = &self.query.contains {
                 if !line.contains(needle.as_str()) {
                     continue;
                 }
             }
-            if self.since.is_some() || self.query.status.is_some() {
+            if self.since.is_some() || self.query.status.is_some() || self.query.service.is_some() {
                 let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue;
                 };
@@ -165,8 +175,13 @@ impl<'q> Search<'q> {
                         continue;
                     }
                 }
+                if let Some(service) = &self.query.service {
+                    if record["service"].as_str() != Some(service.as_str()) {
+                        continue;
+                    }
+                }
             }
-            self.found.push(line.to_owned());
+            self.found.records.push(line.to_owned());
         }
     }
 }
@@ -177,7 +192,7 @@ pub fn query_directory(
     root: &Path,
     directory: &str,
     query: &TraceQuery,
-) -> std::io::Result<Vec<String>> {
+) -> std::io::Result<QueryResult> {
     let mut search = Search::new(query);
     for file in trace_files(root, directory)? {
         if search.done() {
@@ -200,7 +215,7 @@ pub async fn query_remote(
     store: &crate::storage::remote::RemoteStore,
     prefix: &str,
     query: &TraceQuery,
-) -> Result<Vec<String>, crate::storage::remote::StorageError> {
+) -> Result<QueryResult, crate::storage::remote::StorageError> {
     let mut search = Search::new(query);
     let mut objects = store.list(prefix).await?;
     objects.retain(|object| is_trace_batch(&object.key));
@@ -253,8 +268,9 @@ mod tests {
             },
         )
         .expect("query");
-        assert_eq!(all.len(), 2);
-        assert!(all[0].contains("\"n\":2"), "newest first");
+        assert_eq!(all.records.len(), 2);
+        assert_eq!(all.searched, 2);
+        assert!(all.records[0].contains("\"n\":2"), "newest first");
         let failing = query_directory(
             &root,
             "traces/",
@@ -266,7 +282,7 @@ mod tests {
             },
         )
         .expect("query");
-        assert_eq!(failing.len(), 1);
+        assert_eq!(failing.records.len(), 1);
         let contains = query_directory(
             &root,
             "traces/",
@@ -277,7 +293,7 @@ mod tests {
             },
         )
         .expect("query");
-        assert_eq!(contains.len(), 1);
+        assert_eq!(contains.records.len(), 1);
         std::fs::remove_dir_all(&root).ok();
     }
 }

@@ -402,9 +402,10 @@ async fn wait_for_records(
                 limit: 1,
                 ..TraceQuery::default()
             };
-            if let Ok(lines) = query_directory(root, "traces/", &query) {
+            if let Ok(found) = query_directory(root, "traces/", &query) {
                 records.extend(
-                    lines
+                    found
+                        .records
                         .iter()
                         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()),
                 );

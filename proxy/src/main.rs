@@ -66,6 +66,9 @@ struct TracesArgs {
     /// Only responses with this status class (5xx) or status (503)
     #[arg(long, value_name = "STATUS", value_parser = scoretap_core::query::StatusFilter::parse)]
     status: Option<scoretap_core::query::StatusFilter>,
+    /// Only records of this service (`run --service`)
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
 }
 
 /// mimalloc: per-thread heaps suit a proxy whose buffers are allocated on the workers and freed
@@ -138,6 +141,7 @@ fn traces(args: TracesArgs) -> ExitCode {
         limit: args.limit,
         since: args.since,
         status: args.status,
+        service: args.service,
     };
     let result = match &args.store {
         StoreLocation::Stdout => {
@@ -179,10 +183,14 @@ fn traces(args: TracesArgs) -> ExitCode {
         }
     };
     match result {
-        Ok(lines) => {
+        Ok(found) => {
             use std::io::Write;
+            if found.records.is_empty() {
+                // On stderr: stdout stays a clean stream of records for pipes.
+                eprintln!("0 records matched ({} searched)", found.searched);
+            }
             let mut out = std::io::stdout().lock();
-            for line in lines {
+            for line in found.records {
                 if writeln!(out, "{line}").is_err() {
                     break;
                 }

@@ -183,6 +183,75 @@ async fn the_start_up_line_names_the_store_and_the_spool() {
     assert!(line.contains("spool=none"), "{line}");
 }
 
+/// `scoretap traces --service` and the admin's `GET /traces?service=` pick one service's records
+/// out of a shared store; a query that matches nothing says so on stderr, with how many records
+/// it searched (stdout stays empty for pipes). Before, there was no service filter and an empty
+/// answer was silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_filter_by_service_and_say_when_nothing_matched() {
+    let up = TestUpstream::start().await;
+    let store = scoretap_tests::traces::TraceStore::new();
+    let mut admins = Vec::new();
+    for service in ["svc-a", "svc-b"] {
+        let proxy = Scoretap::builder()
+            .upstream(&up.url())
+            .args(store.args())
+            .args(["--service", service])
+            .start()
+            .await;
+        let mut client = Client::connect(proxy.addr, Proto::H1).await;
+        let request = client
+            .req("POST", "/echo")
+            .header("x-request-id", format!("from-{service}"))
+            .body(scoretap_tests::client::full("{\"x\": 1}"))
+            .unwrap();
+        assert_eq!(client.fetch(request, CLI_LIMIT).await.status, 200);
+        store.wait(&format!("from-{service}")).await;
+        admins.push(proxy);
+    }
+    let url = store.url();
+    let o = run_cli(
+        &["traces", "--store", &url, "--service", "svc-a"],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(0), "{}", o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", o.stdout);
+    assert!(
+        lines[0].contains("\"correlation_id\":\"from-svc-a\""),
+        "{}",
+        lines[0]
+    );
+
+    let o = run_cli(
+        &["traces", "--store", &url, "--service", "no-such-service"],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(0), "{}", o.stderr);
+    assert_eq!(o.stdout, "");
+    assert!(
+        o.stderr.contains("0 records matched (2 searched)"),
+        "stderr: {}",
+        o.stderr
+    );
+
+    let answer = scoretap_tests::traces::admin_request(
+        admins[1].admin,
+        "GET",
+        "/traces?service=svc-b",
+        &[],
+        b"",
+    )
+    .await
+    .expect("admin GET /traces");
+    assert_eq!(answer.status(), 200, "{}", answer.body_str());
+    let body = answer.body_str();
+    assert_eq!(body.lines().count(), 1, "{body}");
+    assert!(body.contains("\"correlation_id\":\"from-svc-b\""), "{body}");
+}
+
 /// `--check-config` is a flag only: `SCORETAP_CHECK_CONFIG` left in a manifest would have made
 /// every start print the configuration and exit (a restart loop).
 #[test]
