@@ -38,9 +38,28 @@ pub struct DemoArgs {
     /// Admin address [default: 127.0.0.1:9901 with --serve, any free port otherwise]
     #[arg(long, value_name = "ADDR", value_parser = parse_address)]
     admin_listen: Option<SocketAddr>,
-    /// Where the demo's records go
-    #[arg(long, value_name = "URL", value_parser = parse_store, default_value = "file://./scoretap-data")]
-    store: StoreLocation,
+    /// Where the demo's records go [default: a directory of its own under the system's temporary directory, named in the summary]
+    #[arg(long, value_name = "URL", value_parser = parse_store)]
+    store: Option<StoreLocation>,
+}
+
+/// The demo's own store: a new directory under the temporary directory, so its records never
+/// mix with a real store's (`./scoretap-data` is `run`'s default).
+fn demo_store() -> StoreLocation {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    StoreLocation::Directory(
+        std::env::temp_dir().join(format!("scoretap-demo-{stamp}-{}", std::process::id())),
+    )
+}
+
+/// How to run this same binary, for the hints: its path (the demo is usually started with
+/// `cargo run`, which does not put `scoretap` on PATH).
+fn this_program() -> String {
+    std::env::current_exe()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|_| "scoretap".to_owned())
 }
 
 /// The built-in model: a linear regression over 10 features, the shape of the Azure ML sklearn
@@ -179,6 +198,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
 }
 
 async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let store = args.store.clone().unwrap_or_else(demo_store);
     let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
     let (listen, admin_listen, model_address) = if args.serve {
         (
@@ -229,7 +249,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             buffer_bytes: 16 << 20,
             buffer_slots: 4096,
             max_open_exchanges: scoretap_core::ring::DEFAULT_MAXIMUM_OPEN_EXCHANGES,
-            store: args.store.clone(),
+            store: store.clone(),
             instance: "demo".into(),
             redaction: Redaction::new(&[], &["$.customer.email".to_owned()])?,
             flush_interval: Duration::from_millis(50),
@@ -324,7 +344,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     }) {
         println!("  {line}");
     }
-    let records = wait_for_records(&args.store, &correlation_ids).await;
+    let records = wait_for_records(&store, &correlation_ids).await;
     println!();
     match &records {
         Some(records) => {
@@ -345,24 +365,29 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
                 failures += 1;
             }
         }
-        None => println!("records go to {}", args.store.url()),
+        None => println!("records go to {}", store.url()),
     }
     println!();
     println!("Where to look:");
     println!(
-        "  - records: {} (JSON lines, traces/<service>/<yyyy>/<mm>/<dd>/<HH>/)",
-        args.store.url()
+        "  - records: {} (JSON lines, traces/<service>/<yyyy>/<mm>/<dd>/<HH>/; the demo's own store)",
+        store.url()
     );
     println!(
-        "  - query them: scoretap traces --store {} --contains data --limit 10",
-        args.store.url()
+        "  - query them: {} traces --store {} --contains data --limit 10",
+        this_program(),
+        store.url()
     );
+    println!("    (`cargo install --path proxy` puts scoretap on PATH)");
     println!("  - every response carries x-request-id; scoretap forwards it to the model too");
     println!(
         "  - Prometheus metrics: GET /metrics on the admin port (deploy/grafana has a dashboard)"
     );
     println!("  - scoretap logs to stderr (--log-format json for structured logs)");
-    println!("  - run `scoretap demo --serve` to keep it up and send your own requests:");
+    println!(
+        "  - run `{} demo --serve` to keep it up and send your own requests:",
+        this_program()
+    );
     println!(
         "      curl -s -X POST http://127.0.0.1:8080/score -H 'content-type: application/json' \\"
     );
