@@ -35,6 +35,8 @@ pub mod names {
     pub const CONNECTIONS_DELAYED: &str = "scoretap_connections_delayed_total";
     pub const UPSTREAM_CONNECTIONS: &str = "scoretap_upstream_connections";
     pub const UPSTREAM_CONNECTION_WAITS: &str = "scoretap_upstream_connection_waits_total";
+    pub const CONNECTIONS_ACTIVE: &str = "scoretap_connections_active";
+    pub const REQUESTS_IN_FLIGHT: &str = "scoretap_requests_in_flight";
 }
 
 /// Latency buckets for scoring: sub-millisecond to a minute.
@@ -153,6 +155,26 @@ pub struct Metrics {
     spool_bytes: Gauge,
     connections_delayed: Counter,
     upstream_connections: UpstreamConnectionMetrics,
+    connections_active: Gauge,
+    requests_in_flight: Gauge,
+}
+
+/// One unit of a gauge, held while what it counts lasts: taken by [`Metrics::connection_opened`]
+/// and [`Metrics::request_started`], given back when dropped.
+#[derive(Debug)]
+pub struct GaugeUnit(Gauge);
+
+impl GaugeUnit {
+    fn take(gauge: &Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeUnit {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 static METADATA: Metadata<'static> =
@@ -276,6 +298,8 @@ impl Metrics {
                 open: gauge(names::UPSTREAM_CONNECTIONS),
                 waits: counter(names::UPSTREAM_CONNECTION_WAITS, &[]),
             },
+            connections_active: gauge(names::CONNECTIONS_ACTIVE),
+            requests_in_flight: gauge(names::REQUESTS_IN_FLIGHT),
         };
         // Series that only ever move later still show from the first scrape.
         for counter in &metrics.spill_bytes {
@@ -285,7 +309,19 @@ impl Metrics {
         metrics.connections_delayed.absolute(0);
         metrics.upstream_connections.open.set(0.0);
         metrics.upstream_connections.waits.absolute(0);
+        metrics.connections_active.set(0.0);
+        metrics.requests_in_flight.set(0.0);
         metrics
+    }
+
+    /// A client connection is being served, until the returned unit is dropped.
+    pub fn connection_opened(&self) -> GaugeUnit {
+        GaugeUnit::take(&self.connections_active)
+    }
+
+    /// A request is in flight, until the returned unit is dropped (with its response's end).
+    pub fn request_started(&self) -> GaugeUnit {
+        GaugeUnit::take(&self.requests_in_flight)
     }
 
     /// The storage metrics of a sink (`file`, `s3`, `azure`); the file sink's for others.
@@ -448,7 +484,7 @@ fn describe(recorder: &dyn Recorder) {
     for (name, help, unit) in histograms {
         recorder.describe_histogram(KeyName::from_const_str(name), Some(unit), help.into());
     }
-    let gauges: [(&'static str, &'static str, Option<Unit>); 5] = [
+    let gauges: [(&'static str, &'static str, Option<Unit>); 7] = [
         (
             names::BUILD_INFO,
             "Always 1; the version label says which build runs.",
@@ -472,6 +508,16 @@ fn describe(recorder: &dyn Recorder) {
         (
             names::UPSTREAM_CONNECTIONS,
             "Connections to the scoring endpoint open now (at most --upstream-max-connections).",
+            None,
+        ),
+        (
+            names::CONNECTIONS_ACTIVE,
+            "Client connections being served now (upgraded tunnels included).",
+            None,
+        ),
+        (
+            names::REQUESTS_IN_FLIGHT,
+            "Requests received whose response has not ended yet.",
             None,
         ),
     ];
@@ -502,6 +548,8 @@ mod tests {
             names::SPOOL_BYTES,
             names::UPSTREAM_CONNECTIONS,
             names::UPSTREAM_CONNECTION_WAITS,
+            names::CONNECTIONS_ACTIVE,
+            names::REQUESTS_IN_FLIGHT,
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -138,6 +138,7 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Response<DownstreamBody> {
         let started = Instant::now();
+        let in_flight = self.metrics.request_started();
         let correlation_id = correlation_id(request.headers());
         let method = request.method().clone();
         let client_version = request.version();
@@ -238,7 +239,8 @@ impl Proxy {
             }
         });
         let response_meter =
-            BodyMeter::response(self.metrics.clone(), &method, response.status(), started);
+            BodyMeter::response(self.metrics.clone(), &method, response.status(), started)
+                .holding(in_flight);
         response.map(|body| {
             TeeBody::new(
                 IdleLimitedBody::new(body, progress, body_idle_timeout),

@@ -443,6 +443,7 @@ struct Connection {
 
 impl Connection {
     async fn serve(self, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
+        let _active = self.proxy.metrics().connection_opened();
         match self.penalty.admit(peer.ip()) {
             Admission::Now => {}
             Admission::After(wait) => {

@@ -182,6 +182,8 @@ pub struct BodyMeter {
     size: u64,
     measured: Measured,
     reported: bool,
+    /// Held until the report: the exchange's unit of `scoretap_requests_in_flight`.
+    in_flight: Option<crate::metrics::GaugeUnit>,
 }
 
 #[derive(Debug)]
@@ -202,6 +204,7 @@ impl BodyMeter {
             size: 0,
             measured: Measured::Request,
             reported: false,
+            in_flight: None,
         }
     }
 
@@ -221,7 +224,14 @@ impl BodyMeter {
                 started,
             },
             reported: false,
+            in_flight: None,
         }
+    }
+
+    /// Keeps the exchange counted in flight until this meter reports.
+    pub fn holding(mut self, in_flight: crate::metrics::GaugeUnit) -> Self {
+        self.in_flight = Some(in_flight);
+        self
     }
 
     fn report(&mut self) {
@@ -229,6 +239,7 @@ impl BodyMeter {
             return;
         }
         self.reported = true;
+        self.in_flight = None;
         match &self.measured {
             Measured::Request => self.metrics.request_body(self.size),
             Measured::Response {

@@ -1266,3 +1266,50 @@ async fn metrics_reflect_capture_drops_and_records() {
         e.describe("scoretap_storage_duration_seconds")
     );
 }
+
+/// `scoretap_connections_active` counts the client connections being served and
+/// `scoretap_requests_in_flight` the requests whose response has not ended; both go back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_requests_in_flight_are_gauges() {
+    let up = TestUpstream::start().await;
+    let store = TraceStore::new();
+    let proxy = proxy_with_store(&up, &store, &[]).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(proxy.addr, Proto::H1).await);
+    }
+    let mut slow = Vec::new();
+    for client in clients.iter_mut().take(2) {
+        let request = client
+            .req("GET", "/delay?ms=1500")
+            .body(scoretap_tests::client::empty())
+            .unwrap();
+        slow.push(client.send(request));
+    }
+    let answers = futures_util::future::join_all(slow);
+    let during = async {
+        scrape_until(&proxy, Duration::from_secs(1), |e| {
+            e.value("scoretap_requests_in_flight", &[]) >= 2.0
+        })
+        .await
+    };
+    let (answers, during) = tokio::join!(answers, during);
+    assert_eq!(during.value("scoretap_requests_in_flight", &[]), 2.0);
+    assert_eq!(during.value("scoretap_connections_active", &[]), 3.0);
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status(), 200);
+        let _ = http_body_util::BodyExt::collect(answer.into_body()).await;
+    }
+    let after = scrape_until(&proxy, Duration::from_secs(2), |e| {
+        e.value("scoretap_requests_in_flight", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(after.value("scoretap_requests_in_flight", &[]), 0.0);
+    drop(clients);
+    let closed = scrape_until(&proxy, Duration::from_secs(3), |e| {
+        e.value("scoretap_connections_active", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(closed.value("scoretap_connections_active", &[]), 0.0);
+}
