@@ -69,7 +69,7 @@ impl AdminState {
             let metrics = self.proxy.metrics();
             metrics.observe_capture(capture.stats(), budget.used(), budget.capacity());
             if let Some(spool) = &capture.storage().spool {
-                metrics.observe_spool(spool.used());
+                metrics.observe_spool(spool.used(), spool.limit());
             }
         }
         let mut response = Response::new(ResponseBody::full(Bytes::from(handle.render())));

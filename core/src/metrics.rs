@@ -32,6 +32,7 @@ pub mod names {
     pub const STORAGE_REQUESTS: &str = "scoretap_storage_requests_total";
     pub const STORAGE_DURATION: &str = "scoretap_storage_duration_seconds";
     pub const SPOOL_BYTES: &str = "scoretap_spool_bytes";
+    pub const SPOOL_CAPACITY_BYTES: &str = "scoretap_spool_capacity_bytes";
     pub const CONNECTIONS_DELAYED: &str = "scoretap_connections_delayed_total";
     pub const UPSTREAM_CONNECTIONS: &str = "scoretap_upstream_connections";
     pub const UPSTREAM_CONNECTION_WAITS: &str = "scoretap_upstream_connection_waits_total";
@@ -153,6 +154,7 @@ pub struct Metrics {
     storage: Vec<StorageMetrics>,
     spill_bytes: Vec<Counter>,
     spool_bytes: Gauge,
+    spool_capacity_bytes: Gauge,
     connections_delayed: Counter,
     upstream_connections: UpstreamConnectionMetrics,
     connections_active: Gauge,
@@ -293,6 +295,7 @@ impl Metrics {
                 .map(|(sink, _)| counter(names::SPILL_BYTES, &[("sink", sink)]))
                 .collect(),
             spool_bytes: gauge(names::SPOOL_BYTES),
+            spool_capacity_bytes: gauge(names::SPOOL_CAPACITY_BYTES),
             connections_delayed: counter(names::CONNECTIONS_DELAYED, &[]),
             upstream_connections: UpstreamConnectionMetrics {
                 open: gauge(names::UPSTREAM_CONNECTIONS),
@@ -306,6 +309,7 @@ impl Metrics {
             counter.absolute(0);
         }
         metrics.spool_bytes.set(0.0);
+        metrics.spool_capacity_bytes.set(0.0);
         metrics.connections_delayed.absolute(0);
         metrics.upstream_connections.open.set(0.0);
         metrics.upstream_connections.waits.absolute(0);
@@ -342,9 +346,10 @@ impl Metrics {
         self.spill_bytes[index].clone()
     }
 
-    /// Bytes waiting in the spool (set before each scrape).
-    pub fn observe_spool(&self, bytes: u64) {
+    /// Bytes waiting in the spool, and its disk budget (set before each scrape).
+    pub fn observe_spool(&self, bytes: u64, capacity: u64) {
         self.spool_bytes.set(bytes as f64);
+        self.spool_capacity_bytes.set(capacity as f64);
     }
 
     /// An exchange ended: counts it and records its duration.
@@ -484,7 +489,7 @@ fn describe(recorder: &dyn Recorder) {
     for (name, help, unit) in histograms {
         recorder.describe_histogram(KeyName::from_const_str(name), Some(unit), help.into());
     }
-    let gauges: [(&'static str, &'static str, Option<Unit>); 7] = [
+    let gauges: [(&'static str, &'static str, Option<Unit>); 8] = [
         (
             names::BUILD_INFO,
             "Always 1; the version label says which build runs.",
@@ -503,6 +508,11 @@ fn describe(recorder: &dyn Recorder) {
         (
             names::SPOOL_BYTES,
             "Bytes waiting in the local spool for upload.",
+            Some(Unit::Bytes),
+        ),
+        (
+            names::SPOOL_CAPACITY_BYTES,
+            "The local spool's disk budget (--spool-max-bytes); 0 without a remote store.",
             Some(Unit::Bytes),
         ),
         (
@@ -550,6 +560,7 @@ mod tests {
             names::UPSTREAM_CONNECTION_WAITS,
             names::CONNECTIONS_ACTIVE,
             names::REQUESTS_IN_FLIGHT,
+            names::SPOOL_CAPACITY_BYTES,
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

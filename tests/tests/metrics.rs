@@ -803,8 +803,14 @@ fn alert_rules_fire_after_their_for_and_not_for_healthy_instances() {
         ),
         (
             "ScoretapSpoolNearBudget",
-            &[("scoretap_spool_bytes", "5000000000x40")],
-            &[("scoretap_spool_bytes", "1000000x40")],
+            &[
+                ("scoretap_spool_bytes", "900000000x40"),
+                ("scoretap_spool_capacity_bytes", "1000000000x40"),
+            ],
+            &[
+                ("scoretap_spool_bytes", "700000000x40"),
+                ("scoretap_spool_capacity_bytes", "1000000000x40"),
+            ],
             "5m",
             "15m",
             "",
@@ -986,6 +992,7 @@ async fn every_contract_series_exists_from_startup() {
     );
     check("scoretap_spill_bytes_total", &[("sink", "file")], Some(0.0));
     check("scoretap_spool_bytes", &[], Some(0.0));
+    check("scoretap_spool_capacity_bytes", &[], Some(0.0));
     for r in ["ok", "error"] {
         check(
             "scoretap_storage_requests_total",
@@ -1038,6 +1045,7 @@ async fn every_contract_series_exists_from_startup() {
         ("scoretap_ring_bytes", "gauge"),
         ("scoretap_capture_dropped_total", "counter"),
         ("scoretap_spool_bytes", "gauge"),
+        ("scoretap_spool_capacity_bytes", "gauge"),
     ] {
         assert_eq!(
             e.types.get(name).map(String::as_str),
