@@ -37,6 +37,8 @@ pub struct AdminState {
     /// The store `GET /traces` reads, and the directory of its batches.
     store: Option<(StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
+    /// `/readyz` also checks that the upstream accepts connections.
+    readiness_checks_upstream: bool,
 }
 
 impl AdminState {
@@ -53,7 +55,16 @@ impl AdminState {
             token,
             store,
             prometheus,
+            readiness_checks_upstream: true,
         }
+    }
+
+    /// Whether `/readyz` also checks that the upstream accepts connections (the default). Off
+    /// for replicas in front of one shared remote endpoint: an outage of it would otherwise take
+    /// every replica out of its load balancer at once.
+    pub fn checking_upstream(mut self, checks: bool) -> Self {
+        self.readiness_checks_upstream = checks;
+        self
     }
 
     /// The Prometheus exposition, with the capture path's counters brought up to date.
@@ -115,7 +126,7 @@ impl AdminState {
     async fn readiness(&self) -> Response<ResponseBody> {
         if self.draining.load(Ordering::SeqCst) {
             json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#)
-        } else if self.proxy.upstream().is_reachable().await {
+        } else if !self.readiness_checks_upstream || self.proxy.upstream().is_reachable().await {
             json(StatusCode::OK, r#"{"status":"ready"}"#)
         } else {
             json(

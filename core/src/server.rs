@@ -133,6 +133,8 @@ pub struct ServerSettings {
     pub admin_token: Option<crate::secret::Secret>,
     /// Export Prometheus metrics at the admin's `GET /metrics`.
     pub metrics: bool,
+    /// `/readyz` also checks that the upstream accepts connections.
+    pub readyz_upstream: bool,
     pub limits: Limits,
 }
 
@@ -170,6 +172,7 @@ pub struct BoundServer {
     draining: Arc<AtomicBool>,
     collector: Option<CollectorStopper>,
     admin_token: Option<crate::secret::Secret>,
+    readyz_upstream: bool,
     store: Option<(crate::sink::StoreLocation, String)>,
     prometheus: Option<PrometheusHandle>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -242,6 +245,7 @@ impl BoundServer {
             draining: Arc::new(AtomicBool::new(false)),
             collector,
             admin_token: settings.admin_token,
+            readyz_upstream: settings.readyz_upstream,
             store,
             prometheus,
         })
@@ -266,7 +270,8 @@ impl BoundServer {
             self.admin_token.clone(),
             self.store.clone(),
             self.prometheus.clone(),
-        );
+        )
+        .checking_upstream(self.readyz_upstream);
         let admin_task = tokio::spawn(crate::admin::serve(self.admin_listener, admin));
         let upkeep_task = self.prometheus.clone().map(|handle| {
             tokio::spawn(async move {

@@ -256,6 +256,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             storage: scoretap_core::capture::StorageSettings::default(),
         }),
         admin_token: None,
+        readyz_upstream: true,
         metrics: true,
         limits: scoretap_core::server::Limits::default(),
     })

@@ -243,6 +243,9 @@ pub struct RunArgs {
     /// Export Prometheus metrics at the admin's /metrics [default: true]
     #[arg(long, env = "SCORETAP_METRICS", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
     pub metrics: Option<bool>,
+    /// /readyz also checks that the upstream accepts connections: right for a sidecar; false for replicas in front of one shared remote endpoint, so an upstream outage does not take every replica out of the load balancer [default: true]
+    #[arg(long, env = "SCORETAP_READYZ_UPSTREAM", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL", value_parser = parse_bool)]
+    pub readyz_upstream: Option<bool>,
     /// TOML file with the same keys as these flags (kebab-case, e.g. upstream-timeout = "2s")
     #[arg(long, env = "SCORETAP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -352,6 +355,7 @@ struct FileSettings {
     modeldata_features: Option<FileList>,
     modeldata_predictions: Option<FileList>,
     metrics: Option<bool>,
+    readyz_upstream: Option<bool>,
 }
 
 /// A size in the config file: a number of bytes, or text such as "64MiB".
@@ -449,6 +453,7 @@ pub struct RunSettings {
     pub modeldata_features: Option<Vec<String>>,
     pub modeldata_predictions: Option<Vec<String>>,
     pub metrics: bool,
+    pub readyz_upstream: bool,
     #[serde(skip)]
     trusted_networks: Vec<IpNet>,
     #[serde(skip)]
@@ -778,6 +783,7 @@ impl RunArgs {
             .modeldata_predictions
             .or(list("modeldata-predictions", file.modeldata_predictions)?);
         self.metrics = self.metrics.or(file.metrics);
+        self.readyz_upstream = self.readyz_upstream.or(file.readyz_upstream);
         Ok(self)
     }
 
@@ -958,6 +964,7 @@ impl RunArgs {
             modeldata_features: args.modeldata_features.map(|list| list.0),
             modeldata_predictions: args.modeldata_predictions.map(|list| list.0),
             metrics: args.metrics.unwrap_or(true),
+            readyz_upstream: args.readyz_upstream.unwrap_or(true),
             trusted_networks,
             redaction,
         })
@@ -1071,6 +1078,7 @@ impl RunSettings {
             }),
             admin_token: self.admin_token.clone(),
             metrics: self.metrics,
+            readyz_upstream: self.readyz_upstream,
         }
     }
 }

@@ -412,6 +412,27 @@ async fn upstream_url_path_prefix_is_prepended() {
     assert_eq!(rec.path_and_query(), "/prefix/score?x=1");
 }
 
+/// `--readyz-upstream false`: `/readyz` answers 200 while the upstream is down (replicas in front
+/// of one shared remote endpoint stay in their load balancer during its outage); draining still
+/// makes it 503.
+#[tokio::test]
+async fn readyz_can_leave_the_upstream_out() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let proxy = Scoretap::start(&dead, &["--readyz-upstream", "false"]).await;
+    assert_eq!(
+        proxy.readyz().await,
+        Some(200),
+        "ready although the upstream is down"
+    );
+    let o = run_cli(
+        &["--check-config", "--upstream", &dead, "--readyz-upstream", "maybe"],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(2), "{}", o.stderr);
+    assert!(o.stderr.contains("--readyz-upstream"), "{}", o.stderr);
+}
+
 #[tokio::test]
 async fn healthz_and_readyz_follow_upstream_reachability() {
     let up = TestUpstream::start().await;
