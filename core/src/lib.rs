@@ -12,6 +12,7 @@
 //! - [`error`]: errors typed by origin and their one mapping to HTTP answers;
 //! - [`body`]: the response body type;
 //! - [`tls`]: certificates and trust;
+//! - [`access_log`]: one line per exchange, for people and log pipelines;
 //! - [`admin`]: `/healthz`, `/readyz`, `/capture`, `/traces`;
 //! - [`capture`]: what is captured, and the per-exchange handle feeding the ring;
 //! - [`tee`]: the body wrapper that hands frames to capture without delaying them;
@@ -24,6 +25,7 @@
 //! - [`metrics`]: every exported metric, defined once;
 //! - [`secret`]: tokens and keys that print as `[redacted]`.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod capture;

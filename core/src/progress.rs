@@ -47,6 +47,10 @@ pub struct ExchangeProgress {
     request: AtomicU8,
     /// Nanoseconds from `origin` to when the request body had been sent whole.
     request_sent_at: AtomicU64,
+    /// Request body bytes handed to the upstream.
+    request_bytes: AtomicU64,
+    /// Nanoseconds from `origin` to the upstream's response headers (or its failure); 0 before.
+    upstream_answered_at: AtomicU64,
 }
 
 impl ExchangeProgress {
@@ -56,6 +60,8 @@ impl ExchangeProgress {
             last_progress: AtomicU64::new(0),
             request: AtomicU8::new(REQUEST_WAITING_FOR_UPSTREAM),
             request_sent_at: AtomicU64::new(0),
+            request_bytes: AtomicU64::new(0),
+            upstream_answered_at: AtomicU64::new(0),
         })
     }
 
@@ -77,6 +83,25 @@ impl ExchangeProgress {
     /// Whether the request body has been sent whole.
     pub fn request_sent(&self) -> bool {
         self.request.load(Ordering::Acquire) == REQUEST_SENT
+    }
+
+    /// Request body bytes handed to the upstream so far.
+    pub fn request_bytes(&self) -> u64 {
+        self.request_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The upstream answered (response headers, or a failure): now.
+    pub fn upstream_answered(&self) {
+        self.upstream_answered_at
+            .store(self.nanos_since_origin().max(1), Ordering::Relaxed);
+    }
+
+    /// How long after the exchange began the upstream answered, if it did.
+    pub fn upstream_headers_after(&self) -> Option<Duration> {
+        match self.upstream_answered_at.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
     }
 
     /// When the request body had been sent whole, if it has.
@@ -145,6 +170,11 @@ impl<B: Body<Data = Bytes>> Body for ProgressBody<B> {
             Poll::Pending => progress.set_request(REQUEST_WAITING_FOR_CLIENT),
             Poll::Ready(Some(Ok(frame))) => {
                 progress.advanced();
+                if let Some(data) = frame.data_ref() {
+                    progress
+                        .request_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 let over = frame.is_trailers() || inner.is_end_stream();
                 progress.set_request(if over {
                     REQUEST_SENT

@@ -24,6 +24,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::access_log::{AccessLogEntry, AccessLogFormat};
 use crate::body::ResponseBody;
 use crate::capture::Capture;
 use crate::error::{ProxyError, RequestBodyError};
@@ -65,6 +66,8 @@ pub struct ProxySettings {
     /// The largest request body forwarded; a larger one gets 413 and never reaches the upstream
     /// past the limit.
     pub max_request_body_bytes: u64,
+    /// One line per exchange on stderr ([`crate::access_log`]).
+    pub access_log: AccessLogFormat,
 }
 
 impl Default for ProxySettings {
@@ -75,6 +78,7 @@ impl Default for ProxySettings {
             preserve_host: false,
             max_headers: DEFAULT_MAX_HEADERS,
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            access_log: AccessLogFormat::Off,
         }
     }
 }
@@ -159,6 +163,13 @@ impl Proxy {
         let request_meter = Some(BodyMeter::request(self.metrics.clone()));
         let body_limit = BodyLimit::new(self.settings.max_request_body_bytes);
         let progress = ExchangeProgress::new();
+        let mut access_log = AccessLogEntry::begin(
+            self.settings.access_log,
+            &request,
+            downstream.peer,
+            &correlation_id,
+            &progress,
+        );
         let request = request.map(|body| LimitedBody::new(body, body_limit.clone()));
         let (request, returned_body) = match &exchange {
             Some(exchange) => {
@@ -230,6 +241,9 @@ impl Proxy {
             }
         };
         self.finish(&method, &response, &correlation_id, started);
+        if let Some(entry) = access_log.as_mut() {
+            entry.respond(response.status(), outcome);
+        }
         let body_idle_timeout = self.body_idle_timeout();
         let response_tap = exchange.map(|exchange| {
             let tap = exchange.respond(&response, outcome, error);
@@ -240,7 +254,8 @@ impl Proxy {
         });
         let response_meter =
             BodyMeter::response(self.metrics.clone(), &method, response.status(), started)
-                .holding(in_flight);
+                .holding(in_flight)
+                .logging(access_log);
         response.map(|body| {
             TeeBody::new(
                 IdleLimitedBody::new(body, progress, body_idle_timeout),
@@ -269,6 +284,7 @@ impl Proxy {
         )?;
         let sent = Instant::now();
         let result = self.upstream.send(upstream_request, progress).await;
+        progress.upstream_answered();
         let upstream_result = match &result {
             Ok(_) => Some(UpstreamResult::Ok),
             Err(ProxyError::UpstreamConnect(_)) => Some(UpstreamResult::ConnectError),

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::access_log::ResponseEnd;
 use crate::metrics::{method_index, Metrics};
 use crate::progress::{ClientStall, ResponseBodyError};
 use crate::ring::{BodyEnd, CaptureEvent, Direction, ExchangeId, Ring};
@@ -184,6 +185,8 @@ pub struct BodyMeter {
     reported: bool,
     /// Held until the report: the exchange's unit of `scoretap_requests_in_flight`.
     in_flight: Option<crate::metrics::GaugeUnit>,
+    /// The exchange's access log line, written at the report.
+    access_log: Option<crate::access_log::AccessLogEntry>,
 }
 
 #[derive(Debug)]
@@ -205,6 +208,7 @@ impl BodyMeter {
             measured: Measured::Request,
             reported: false,
             in_flight: None,
+            access_log: None,
         }
     }
 
@@ -225,6 +229,7 @@ impl BodyMeter {
             },
             reported: false,
             in_flight: None,
+            access_log: None,
         }
     }
 
@@ -234,12 +239,23 @@ impl BodyMeter {
         self
     }
 
-    fn report(&mut self) {
+    /// Writes the exchange's access log line at the report.
+    pub fn logging(mut self, entry: Option<crate::access_log::AccessLogEntry>) -> Self {
+        self.access_log = entry;
+        self
+    }
+
+    fn report(&mut self, end: ResponseEnd) {
         if self.reported {
             return;
         }
         self.reported = true;
         self.in_flight = None;
+        if let (Some(entry), Measured::Response { started, .. }) =
+            (self.access_log.take(), &self.measured)
+        {
+            entry.finish(self.size, started.elapsed(), end);
+        }
         match &self.measured {
             Measured::Request => self.metrics.request_body(self.size),
             Measured::Response {
@@ -257,7 +273,7 @@ impl BodyMeter {
 
 impl Drop for BodyMeter {
     fn drop(&mut self) {
-        self.report();
+        self.report(ResponseEnd::Dropped);
     }
 }
 
@@ -365,7 +381,7 @@ impl<B: Body> TeeBody<B> {
                 tap.finish(BodyEnd::Complete);
             }
             if let Some(meter) = meter.as_mut() {
-                meter.report();
+                meter.report(ResponseEnd::Complete);
             }
         }
         Self {
@@ -431,7 +447,10 @@ where
         };
         if ended {
             if let Some(meter) = this.meter.as_mut() {
-                meter.report();
+                meter.report(match &polled {
+                    Poll::Ready(Some(Err(_))) => ResponseEnd::Failed,
+                    _ => ResponseEnd::Complete,
+                });
             }
             if let Some(tap) = this.tap.as_mut() {
                 tap.finish(match &polled {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Args;
 use http::Uri;
 use ipnet::IpNet;
+use scoretap_core::access_log::AccessLogFormat;
 use scoretap_core::capture::{
     CaptureSelection, CaptureSettings, ContentTypePattern, PathPattern, StorageSettings,
 };
@@ -141,6 +142,9 @@ pub struct RunArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "SCORETAP_LOG_FORMAT", value_name = "FORMAT", value_parser = parse_log_format)]
     pub log_format: Option<LogFormat>,
+    /// One line per exchange on stderr: off, text or json (time, client, method, path with secrets redacted, status, sizes, duration, upstream time, correlation id, outcome) [default: off]
+    #[arg(long, env = "SCORETAP_ACCESS_LOG", value_name = "FORMAT", value_parser = parse_access_log)]
+    pub access_log: Option<AccessLogFormat>,
     /// Log filter, e.g. info or scoretap_core=debug; without it RUST_LOG is used when set [default: info]
     #[arg(long, env = "SCORETAP_LOG_LEVEL", value_name = "FILTER", value_parser = parse_log_filter)]
     pub log_level: Option<String>,
@@ -323,6 +327,7 @@ struct FileSettings {
     h2_max_pending_reset_streams: Option<usize>,
     abuse_delay: Option<String>,
     log_format: Option<String>,
+    access_log: Option<String>,
     log_level: Option<String>,
     store: Option<String>,
     capture: Option<bool>,
@@ -417,6 +422,7 @@ pub struct RunSettings {
     #[serde(serialize_with = "serialize_duration")]
     pub abuse_delay: Duration,
     pub log_format: LogFormat,
+    pub access_log: AccessLogFormat,
     pub log_level: String,
     #[serde(serialize_with = "serialize_store")]
     pub store: StoreLocation,
@@ -655,6 +661,12 @@ impl RunArgs {
             "max-request-body-bytes",
             file.max_request_body_bytes.map(FileSize::text),
             parse_size,
+        )?);
+        self.access_log = self.access_log.or(from_file(
+            p,
+            "access-log",
+            file.access_log,
+            parse_access_log,
         )?);
         self.log_format = self.log_format.or(from_file(
             p,
@@ -910,6 +922,7 @@ impl RunArgs {
                 .unwrap_or(limits.h2_max_pending_reset_streams),
             abuse_delay: args.abuse_delay.unwrap_or(limits.abuse_delay),
             log_format: args.log_format.unwrap_or_default(),
+            access_log: args.access_log.unwrap_or_default(),
             log_level: match args.log_level {
                 Some(filter) => filter,
                 None => log_filter_from_environment()?,
@@ -1006,6 +1019,7 @@ impl RunSettings {
                 preserve_host: self.preserve_host,
                 max_headers: self.max_headers,
                 max_request_body_bytes: self.max_request_body_bytes,
+                access_log: self.access_log,
             },
             limits: Limits {
                 // Bounded to 16 MiB by its parser.
@@ -1361,6 +1375,15 @@ fn parse_bool(text: &str) -> Result<bool, String> {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_access_log(text: &str) -> Result<AccessLogFormat, String> {
+    match text {
+        "off" => Ok(AccessLogFormat::Off),
+        "text" => Ok(AccessLogFormat::Text),
+        "json" => Ok(AccessLogFormat::Json),
+        _ => Err("expected off, text or json".into()),
     }
 }
 

@@ -252,6 +252,78 @@ async fn traces_filter_by_service_and_say_when_nothing_matched() {
     assert!(body.contains("\"correlation_id\":\"from-svc-b\""), "{body}");
 }
 
+/// `--access-log json` and `text`: one line per exchange on stderr with time, client, method,
+/// path, status, sizes, duration, upstream time, correlation id and outcome; a key in the query
+/// and the Authorization header never appear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_exchange_without_secrets() {
+    let up = TestUpstream::start().await;
+    for format in ["json", "text"] {
+        let proxy = proxy_for(&up, &["--access-log", format]).await;
+        let mut client = Client::connect(proxy.addr, Proto::H1).await;
+        let id = format!("access-{format}");
+        let request = client
+            .req("POST", "/echo?model=7&api_key=SECRET-KEY-42")
+            .header("x-request-id", id.as_str())
+            .header("authorization", "Bearer SECRET-TOKEN-42")
+            .body(scoretap_tests::client::full("{\"data\": [1, 2, 3]}"))
+            .unwrap();
+        let answer = client.fetch(request, CLI_LIMIT).await;
+        assert_eq!(answer.status, 200);
+        let logged = eventually(Duration::from_secs(3), || {
+            proxy.stderr().lines().any(|line| line.contains(&id))
+        })
+        .await;
+        let stderr = proxy.stderr();
+        assert!(logged, "{format}: no access log line for {id}: {stderr}");
+        assert!(
+            !stderr.contains("SECRET"),
+            "{format}: a secret in the log: {stderr}"
+        );
+        let line = stderr.lines().find(|line| line.contains(&id)).unwrap();
+        if format == "json" {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(entry["method"], "POST", "{line}");
+            assert_eq!(
+                entry["target"], "/echo?model=7&api_key=[redacted]",
+                "{line}"
+            );
+            assert_eq!(entry["status"], 200, "{line}");
+            assert_eq!(entry["request_bytes"], 19, "{line}");
+            assert_eq!(entry["response_bytes"], 19, "{line}");
+            assert_eq!(entry["client"], "127.0.0.1", "{line}");
+            assert_eq!(entry["outcome"], "ok", "{line}");
+            assert!(entry["upstream_ms"].as_f64().is_some(), "{line}");
+            assert!(entry["duration_ms"].as_f64().is_some(), "{line}");
+            assert!(
+                entry["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+                "{line}"
+            );
+        } else {
+            assert!(
+                line.contains(
+                    "127.0.0.1 \"POST /echo?model=7&api_key=[redacted] HTTP/1.1\" 200 19B 19B"
+                ),
+                "{line}"
+            );
+            assert!(line.ends_with(" ok"), "{line}");
+        }
+    }
+    let o = run_cli(
+        &[
+            "--check-config",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--access-log",
+            "loud",
+        ],
+        &[],
+        CLI_LIMIT,
+    );
+    assert_eq!(o.code(), Some(2), "{}", o.stderr);
+    assert!(o.stderr.contains("--access-log"), "{}", o.stderr);
+}
+
 /// `--check-config` is a flag only: `SCORETAP_CHECK_CONFIG` left in a manifest would have made
 /// every start print the configuration and exit (a restart loop).
 #[test]
@@ -425,7 +497,13 @@ async fn readyz_can_leave_the_upstream_out() {
         "ready although the upstream is down"
     );
     let o = run_cli(
-        &["--check-config", "--upstream", &dead, "--readyz-upstream", "maybe"],
+        &[
+            "--check-config",
+            "--upstream",
+            &dead,
+            "--readyz-upstream",
+            "maybe",
+        ],
         &[],
         CLI_LIMIT,
     );
