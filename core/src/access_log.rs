@@ -51,14 +51,15 @@ pub struct AccessLogEntry {
 }
 
 impl AccessLogEntry {
-    /// The entry of a request, or `None` with the access log off.
+    /// The entry of a request, or `None` with the access log off. Boxed: it rides in the
+    /// request's future and its response body, which hyper moves.
     pub fn begin<B>(
         format: AccessLogFormat,
         request: &Request<B>,
         client: IpAddr,
         correlation_id: &HeaderValue,
         progress: &Arc<ExchangeProgress>,
-    ) -> Option<Self> {
+    ) -> Option<Box<Self>> {
         if format == AccessLogFormat::Off {
             return None;
         }
@@ -71,7 +72,7 @@ impl AccessLogEntry {
             ),
             None => uri.path().to_owned(),
         };
-        Some(Self {
+        Some(Box::new(Self {
             format,
             started_at: SystemTime::now(),
             client,
@@ -82,7 +83,7 @@ impl AccessLogEntry {
             status: StatusCode::OK,
             outcome: "ok",
             progress: progress.clone(),
-        })
+        }))
     }
 
     /// The answer's status and the exchange's outcome so far.

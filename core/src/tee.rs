@@ -186,7 +186,7 @@ pub struct BodyMeter {
     /// Held until the report: the exchange's unit of `scoretap_requests_in_flight`.
     in_flight: Option<crate::metrics::GaugeUnit>,
     /// The exchange's access log line, written at the report.
-    access_log: Option<crate::access_log::AccessLogEntry>,
+    access_log: Option<Box<crate::access_log::AccessLogEntry>>,
 }
 
 #[derive(Debug)]
@@ -240,7 +240,7 @@ impl BodyMeter {
     }
 
     /// Writes the exchange's access log line at the report.
-    pub fn logging(mut self, entry: Option<crate::access_log::AccessLogEntry>) -> Self {
+    pub fn logging(mut self, entry: Option<Box<crate::access_log::AccessLogEntry>>) -> Self {
         self.access_log = entry;
         self
     }
