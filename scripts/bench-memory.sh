@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Memory under many large uploads (issue 8's goal: 1,000 concurrent 10 MB uploads plus one
+# Memory under many large uploads (the goal: 1,000 concurrent 10 MB uploads plus one
 # 1 GiB upload with capture on, RSS < 128 MiB, every body byte-exact). Runs the release
 # `memory_load` (tests/src/bin/memory_load.rs: a hyper client and upstream in one process, the
 # upstream checking each body's SHA-256) against the release scoretap, with capture on (a

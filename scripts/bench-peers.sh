@@ -16,7 +16,7 @@
 #      RATE_SECONDS (default 10), PROTOCOLS (default "h1 h2"), H2_CONNECTIONS x H2_STREAMS
 #      (default 8 x 8: as many requests in flight as the HTTP/1.1 run's 64 connections).
 # Writes bench/results/peers-<UTC date-time>.txt and prints it: a table per body size with
-# ratios against nginx and direct, the latency table, and issue 8's goals marked met or not.
+# ratios against nginx and direct, the latency table, and the goals marked met or not.
 # A target whose program is missing (or whose scoretap build failed) gets a "missing" row.
 set -euo pipefail
 cd "$(dirname "$0")/.."

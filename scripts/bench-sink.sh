@@ -6,7 +6,7 @@
 #   dead     a port nothing listens on (connections refused),
 #   stalled  a listener that accepts connections and never answers.
 # The three run in turn, ROUNDS times, so drift on this shared VM hits each alike. Prints req/s and
-# p99 of each run, the means, and dead/live and stalled/live (issue 8's goal: within 5 %), plus
+# p99 of each run, the means, and dead/live and stalled/live (the goal: within 5 %), plus
 # the spool's size at the end of each run and /readyz during it (how many of its 200 ms samples
 # were not 200, with their codes; 000 is no answer within 2 s).
 #

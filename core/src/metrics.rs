@@ -1,4 +1,4 @@
-//! Every metric scoretap exports, defined in one place (shared README §4): typed names,
+//! Every metric scoretap exports, defined in one place (the metrics in README): typed names,
 //! descriptions, units, buckets, and handles registered once at start so the request path only
 //! touches pre-registered atomics.
 //!

@@ -1,4 +1,4 @@
-//! The trace record `scoretap.trace/1` (shared README §2): assembly of one exchange into one JSON
+//! The trace record `scoretap.trace/1` (the record format in README): assembly of one exchange into one JSON
 //! object of at most a given number of bytes (65,536 in production), whatever the bodies and
 //! headers, with secrets redacted.
 //!
@@ -1463,7 +1463,7 @@ impl HeadersView<'_> {
     }
 }
 
-/// The record as written; field order is the contract's (shared README §2).
+/// The record as written; field order is the contract's (the record format in README).
 struct RecordView<'v> {
     schema: &'static str,
     id: Cow<'v, str>,

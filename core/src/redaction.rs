@@ -1,4 +1,4 @@
-//! Redaction of secrets before anything is recorded (shared README §2): header values by name,
+//! Redaction of secrets before anything is recorded (the record format in README): header values by name,
 //! query parameter values by name, and JSON body fields by path.
 //!
 //! Two ways to redact a JSON body:

@@ -1,12 +1,12 @@
 //! Where records go: stdout (one JSON line each, what the seeds' scoring scripts printed), or a
-//! store (shared README §3) named by one URL, through [`crate::storage`].
+//! store (README, "Storage") named by one URL, through [`crate::storage`].
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use crate::storage::staging::StagingError;
 
-/// A store named by one URL (shared README §3): `blob` pointers use the same schemes.
+/// A store named by one URL (README, "Storage"): `blob` pointers use the same schemes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     /// Records on standard output.

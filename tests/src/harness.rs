@@ -175,3 +175,17 @@ pub async fn httpx(args: &[&str]) -> serde_json::Value {
         )
     })
 }
+
+/// scoretap in front of `upstream_url`, writing records to `store`, with `extra` flags.
+pub async fn proxy_with_store(
+    upstream_url: &str,
+    store: &crate::traces::TraceStore,
+    extra: &[&str],
+) -> Scoretap {
+    Scoretap::builder()
+        .upstream(upstream_url)
+        .args(store.args())
+        .args(extra.iter().copied())
+        .start()
+        .await
+}

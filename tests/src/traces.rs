@@ -1,4 +1,4 @@
-//! Reading what capture wrote: trace files of a `file://` store (shared README §3), JSONL on
+//! Reading what capture wrote: trace files of a `file://` store (README, "Storage"), JSONL on
 //! stdout, the record contract `scoretap.trace/1` (§2), and the admin capture endpoints.
 
 use std::net::SocketAddr;

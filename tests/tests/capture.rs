@@ -1,4 +1,4 @@
-//! Capture end to end: what the trace records say (shared README §2), where they go (§3), and
+//! Capture end to end: what the trace records say (README, the record format), where they go (README, "Storage"), and
 //! that capture stays invisible and bounded (§5 rules 11–12): a stalled sink never slows a
 //! client, memory stays bounded, secrets never reach a record or a log, selection and the admin
 //! toggle apply, and recorded traces can be queried back (CLI and admin).

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use scoretap_tests::client::{channel_body, empty};
+use scoretap_tests::harness::proxy_with_store;
 use scoretap_tests::harness::upstream_args;
 use scoretap_tests::traces::{TraceRecord, TraceStore};
 use scoretap_tests::util::{eventually, free_port};
@@ -103,15 +104,6 @@ impl OtherClient {
         );
         others
     }
-}
-
-async fn proxy_with_store(upstream_url: &str, store: &TraceStore, extra: &[&str]) -> Scoretap {
-    Scoretap::builder()
-        .upstream(upstream_url)
-        .args(store.args())
-        .args(extra.iter().copied())
-        .start()
-        .await
 }
 
 fn body_summary(record: &TraceRecord, part: &str) -> String {

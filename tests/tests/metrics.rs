@@ -1,4 +1,4 @@
-//! Metrics end to end (shared README §4): what `GET /metrics` on the admin listener exports, as a
+//! Metrics end to end (the metrics in README): what `GET /metrics` on the admin listener exports, as a
 //! real Prometheus scrapes and queries it; that the Grafana dashboard and the alert rules in
 //! deploy/ name only exported series, pass promtool, and evaluate; that `--metrics false` hides
 //! the endpoint; and that the capture counters follow drops and records.

@@ -148,7 +148,7 @@ async fn rule1_te_never_forwarded_verbatim() {
 
 #[tokio::test]
 async fn rule1_trailer_field_is_end_to_end() {
-    // shared README §5 rule 1 lists `trailer` with the hop-by-hop fields (RFC 2616 §13.5.1);
+    // the proxy rules' first one lists `trailer` with the hop-by-hop fields (RFC 2616 §13.5.1);
     // RFC 9110 §6.6.2 made it end-to-end, and an HTTP/1.1 recipient needs it to accept the
     // trailer fields it announces (hyper sends only announced trailers). scoretap follows
     // RFC 9110: the field crosses the proxy both ways, unchanged.

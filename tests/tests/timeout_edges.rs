@@ -8,20 +8,12 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use scoretap_tests::client::channel_body;
+use scoretap_tests::harness::proxy_with_store;
 use scoretap_tests::raw::request_bytes;
 use scoretap_tests::traces::TraceStore;
 use scoretap_tests::util::{eventually, free_port};
 use scoretap_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn proxy_with_store(upstream_url: &str, store: &TraceStore, extra: &[&str]) -> Scoretap {
-    Scoretap::builder()
-        .upstream(upstream_url)
-        .args(store.args())
-        .args(extra.iter().copied())
-        .start()
-        .await
-}
 
 /// `--upstream-timeout` is the wait for response headers: it starts once the request body has
 /// been sent whole. A 40 KB body uploaded over 3.2 s passes with `--upstream-timeout 1s`

@@ -1,4 +1,4 @@
-//! Key templates: where an object goes inside a store (shared README §3 gives the defaults).
+//! Key templates: where an object goes inside a store (README, "Storage", gives the defaults).
 //!
 //! A template is text with `{field}` placeholders: `{service}`, `{yyyy}`, `{mm}`, `{dd}`, `{HH}`
 //! (UTC), `{instance}`, `{seq}` (six digits at least), `{trace_id}`, `{direction}`

@@ -1,6 +1,6 @@
 //! Storage: where traces, spilled bodies and `modeldata` CSV parts end up.
 //!
-//! - [`key`]: key templates (the layout of shared README §3);
+//! - [`key`]: key templates (the layout in README, "Storage");
 //! - [`staging`]: files written locally first (the store itself for `file://`, the spool for
 //!   remote stores), the spool's disk budget, recovery after a crash;
 //! - [`batch`]: trace batches sealed by size, age and hour;

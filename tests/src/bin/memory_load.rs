@@ -1,4 +1,4 @@
-//! Issue 8's memory goal, measured: many concurrent uploads plus one very large one through
+//! The memory goal, measured: many concurrent uploads plus one very large one through
 //! scoretap, every body checked byte for byte by the upstream (its SHA-256 against the pattern
 //! the client sent), scoretap's RSS sampled every 100 ms. Run by `scripts/bench-memory.sh`.
 //!
